@@ -1,0 +1,71 @@
+"""``Fp4Config``: the one description of how a model is quantized, shared by every pass and op."""
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .formats.linear import ACT_MODES, check_act_mode
+from .formats.spec import FORMATS, SCALE_RULES, check_scale_rule, get_format
+
+
+@dataclass(frozen=True)
+class Fp4Config:
+    """How fp4compile quantizes a model.
+
+    Attributes:
+        format: "nvfp4" (groups of 16, e4m3 scales, per-tensor fp32 scale; the more accurate) or
+            "mxfp4" (groups of 32, power-of-two e8m0 scales; exact on fp8 tensor cores).
+        act_mode: "none" quantizes weights only (W4A16: activations stay bf16/fp16/fp32), "fp4"
+            also quantizes each activation inside the op (W4A4).
+        scale_rule: how weight block scales are chosen, once at compile time: "optimal" searches
+            nearby scales for the least squared error per block, "spec" uses the format's closed
+            form. Activations always use "spec" (it runs in every forward).
+        include: module-name patterns (``fnmatch``, e.g. ``"model.layers.*.mlp.*"``) of layers to
+            quantize; empty means every eligible layer.
+        exclude: module-name patterns of layers to keep in their original dtype; wins over include.
+    """
+
+    format: str = "nvfp4"
+    act_mode: str = "none"
+    scale_rule: str = "optimal"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("format", "act_mode", "scale_rule"):
+            _require_str(name, getattr(self, name))
+        get_format(self.format)
+        check_act_mode(self.act_mode)
+        check_scale_rule(self.scale_rule)
+        for name in ("include", "exclude"):
+            object.__setattr__(self, name, _pattern_tuple(name, getattr(self, name)))
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "Fp4Config":
+        """Build a config from ``torch.compile(..., options={...})``; unknown keys raise."""
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown fp4compile option(s) {unknown}; valid options are {valid}")
+        return cls(**options)
+
+
+def _require_str(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        choices = {"format": sorted(FORMATS), "act_mode": list(ACT_MODES), "scale_rule": list(SCALE_RULES)}
+        raise TypeError(f"Fp4Config.{name} must be a string, one of {choices[name]}; got {value!r}")
+
+
+def _pattern_tuple(name: str, patterns: object) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        raise TypeError(f"Fp4Config.{name} takes a list of patterns, got the string {patterns!r}; wrap it in a list")
+    try:
+        patterns = tuple(patterns)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"Fp4Config.{name} takes a list of module-name patterns, got {patterns!r}") from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"Fp4Config.{name} patterns must be strings, got {bad!r}")
+    return patterns

@@ -1,0 +1,6 @@
+"""fp4compile's custom ops in the ``fp4`` namespace (``torch.ops.fp4.*``); importing registers them."""
+
+from .linear import linear
+from .quantize import dequantize, quantize
+
+__all__ = ["dequantize", "linear", "quantize"]

@@ -1,0 +1,74 @@
+"""Custom op ``fp4::linear``: ``y = x @ w.T + bias`` with an fp4 weight in its canonical form.
+
+One op for W4A4 (``act_mode="fp4"``: the activation is quantized inside the op, so a kernel can
+fuse it into the GEMM) and W4A16 (``act_mode="none"``). The global scales enter only as
+``alpha = gs_activation * gs_weight``, a device tensor, so a forward never syncs with the host.
+"""
+
+import torch
+
+from ..formats import QuantizedTensor
+from ..formats.blocks import SUPPORTED_DTYPES, check_quantized
+from ..formats.linear import check_act_mode, linear_reference
+from ..formats.spec import NVFP4, get_format
+
+
+@torch.library.custom_op("fp4::linear", mutates_args=())
+def linear(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_global_scale: torch.Tensor,
+    act_global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt: str,
+    act_mode: str,
+) -> torch.Tensor:
+    """x (..., K) times an fp4 weight (N, K) [+ bias (N,)] -> (..., N) in x's dtype.
+
+    ``act_global_scale``: only for NVFP4 W4A4, a static activation global scale (None: computed
+    from x on the device in every call).
+    """
+    check_linear_args(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode)
+    weight = QuantizedTensor(w_packed, w_scales, w_global_scale, fmt)
+    return linear_reference(x, weight, act_global_scale, bias, act_mode)
+
+
+@linear.register_fake
+def _(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode):
+    check_linear_args(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode)
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+def check_linear_args(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_global_scale: torch.Tensor,
+    act_global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt: str,
+    act_mode: str,
+) -> None:
+    """Raise a clear error for anything ``fp4::linear`` cannot compute (shared by every backend)."""
+    spec = get_format(fmt)
+    check_act_mode(act_mode)
+    check_quantized(w_packed, w_scales, w_global_scale, spec)
+    if w_packed.dim() != 2:
+        raise ValueError(f"fp4::linear needs a 2-D (N, K/2) packed weight, got shape {tuple(w_packed.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fp4::linear takes {', '.join(map(str, SUPPORTED_DTYPES))} activations, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("fp4::linear needs an activation with at least one dimension, got a 0-dim tensor")
+    n, k = w_packed.shape[0], w_packed.shape[1] * 2
+    if x.shape[-1] != k:
+        raise ValueError(f"activation of shape {tuple(x.shape)} has K={x.shape[-1]}, the weight has K={k}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if act_global_scale is not None and not (spec is NVFP4 and act_mode == "fp4"):
+        raise ValueError(f"act_global_scale applies only to NVFP4 with act_mode='fp4', not {fmt} with {act_mode!r}")
+    tensors = {"x": x, "w_packed": w_packed, "w_scales": w_scales, "w_global_scale": w_global_scale,
+               "act_global_scale": act_global_scale, "bias": bias}
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"fp4::linear inputs are on different devices: {devices}")

@@ -1,0 +1,18 @@
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked ``cuda`` on machines without a GPU (CI is CPU-only)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    """A fresh generator per test, seeded from pytest's order so failures reproduce."""
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
