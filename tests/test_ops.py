@@ -177,3 +177,14 @@ def test_ops_do_not_sync_on_cuda(fmt: str, act_mode: str):
     w_cpu = w._replace(packed=w.packed.cpu(), scales=w.scales.cpu(), global_scale=w.global_scale.cpu())
     ref = fp64_linear(x.cpu(), w_cpu, fmt, act_mode, None)
     assert ((y.cpu().double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("scale_rule", ["spec", "optimal"])
+def test_reference_quantize_on_cuda_is_bit_identical_to_cpu(fmt: str, scale_rule: str):
+    x = torch.randn(129, K) * torch.logspace(-20, 20, 129).unsqueeze(-1)
+    x[3, 5], x[7, 40] = float("nan"), float("inf")
+    on_cpu, on_gpu = quantize(x, fmt, scale_rule=scale_rule), quantize(x.cuda(), fmt, scale_rule=scale_rule)
+    for a, b in zip(on_cpu[:3], on_gpu[:3]):
+        assert torch.equal(a, b.cpu())

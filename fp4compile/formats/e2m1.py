@@ -40,11 +40,18 @@ def encode_e2m1(x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
-    """Decode uint8 e2m1 codes (0..15) to float32 values."""
+    """Decode uint8 e2m1 codes (0..15) to float32 values.
+
+    Computed from the code's bits rather than looked up in a table: a table would be a host-to-
+    device copy (a sync) in every call on a GPU.
+    """
     if codes.dtype != torch.uint8:
         raise TypeError(f"e2m1 codes must be uint8, got {codes.dtype}")
-    table = torch.tensor(E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES), device=codes.device)
-    return table[codes.long()]
+    exponent = (codes >> 1 & 0b11).int()
+    mantissa = (codes & 1).float()
+    # Exponent 0 is subnormal (0 or 0.5); otherwise (1 + m/2) * 2**(exponent - 1).
+    magnitude = torch.where(exponent == 0, 0.5 * mantissa, torch.ldexp(1 + 0.5 * mantissa, exponent - 1))
+    return torch.where(codes >= 8, -magnitude, magnitude)
 
 
 def pack_e2m1(codes: torch.Tensor) -> torch.Tensor:
