@@ -1,12 +1,15 @@
 """fp4compile: run PyTorch models in 4-bit floating point (MXFP4, NVFP4).
 
-``fp4compile.formats`` holds the reference math, ``fp4compile.ops`` the ``torch.ops.fp4.*``
+``torch.compile(model, backend="fp4")`` is the front door; ``fp4compile.report(model)`` says what
+it did. ``fp4compile.formats`` holds the reference math, ``fp4compile.ops`` the ``torch.ops.fp4.*``
 custom ops, and ``Fp4Config`` describes how a model is quantized.
 """
 
 from . import formats, ops
+from .backend import Fp4Backend, backend
 from .config import Fp4Config
 from .formats import QuantizedTensor, dequantize, quantize
+from .report import report
 
-__all__ = ["Fp4Config", "QuantizedTensor", "dequantize", "formats", "ops", "quantize"]
+__all__ = ["Fp4Backend", "Fp4Config", "QuantizedTensor", "backend", "dequantize", "formats", "ops", "quantize", "report"]
 __version__ = "0.1.0"

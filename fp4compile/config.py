@@ -1,12 +1,17 @@
 """``Fp4Config``: the one description of how a model is quantized, shared by every pass and op."""
 
 import dataclasses
+import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .formats.linear import ACT_MODES, check_act_mode
 from .formats.spec import FORMATS, SCALE_RULES, check_scale_rule, get_format
+
+DEFAULT_KEPT = ("lm_head", "*.lm_head", "*.gate", "*.router", "*.shared_expert_gate")
+"""Layers kept in their dtype unless ``include`` names them: the LM head (the output embedding,
+most sensitive to error and often tied to the input embedding) and MoE router gates."""
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,8 @@ class Fp4Config:
         include: module-name patterns (``fnmatch``, e.g. ``"model.layers.*.mlp.*"``) of layers to
             quantize; empty means every eligible layer.
         exclude: module-name patterns of layers to keep in their original dtype; wins over include.
+        release_weights: free each quantized weight's original storage after compilation (the
+            memory saving). The uncompiled model must then not be called: its weights are gone.
     """
 
     format: str = "nvfp4"
@@ -31,6 +38,7 @@ class Fp4Config:
     scale_rule: str = "optimal"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    release_weights: bool = True
 
     def __post_init__(self) -> None:
         for name in ("format", "act_mode", "scale_rule"):
@@ -40,16 +48,38 @@ class Fp4Config:
         check_scale_rule(self.scale_rule)
         for name in ("include", "exclude"):
             object.__setattr__(self, name, _pattern_tuple(name, getattr(self, name)))
+        if not isinstance(self.release_weights, bool):
+            raise TypeError(f"Fp4Config.release_weights must be True or False, got {self.release_weights!r}")
+
+    def selects(self, module_name: str) -> tuple[bool, str]:
+        """Whether the layer called ``module_name`` is to be quantized, and if not, why."""
+        if matched := _first_match(module_name, self.exclude):
+            return False, f"excluded by pattern {matched!r}"
+        if self.include:
+            if _first_match(module_name, self.include):
+                return True, ""
+            return False, "not matched by any include pattern"
+        if matched := _first_match(module_name, DEFAULT_KEPT):
+            return False, f"kept by default ({matched!r}: LM head or router); name it in include to quantize it"
+        return True, ""
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "Fp4Config":
         """Build a config from ``torch.compile(..., options={...})``; unknown keys raise."""
+        return cls().with_options(options)
+
+    def with_options(self, options: Mapping[str, Any] | None) -> "Fp4Config":
+        """This config with the fields named in ``options`` replaced; unknown keys raise."""
         options = dict(options or {})
-        valid = [f.name for f in dataclasses.fields(cls)]
+        valid = [f.name for f in dataclasses.fields(self)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
             raise ValueError(f"unknown fp4compile option(s) {unknown}; valid options are {valid}")
-        return cls(**options)
+        return dataclasses.replace(self, **options)
+
+
+def _first_match(name: str, patterns: tuple[str, ...]) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
 
 
 def _require_str(name: str, value: object) -> None:

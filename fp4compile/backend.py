@@ -1,0 +1,90 @@
+"""The ``fp4`` torch.compile backend: fp4compile's passes on the Dynamo graph, then Inductor.
+
+    torch.compile(model, backend="fp4")                                  # defaults
+    torch.compile(model, backend="fp4", options={"format": "mxfp4"})    # Fp4Config fields
+    torch.compile(model, backend=fp4compile.backend(Fp4Config(...)))    # a configured backend
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import fx
+
+from . import ops  # noqa: F401  (registers torch.ops.fp4)
+from .config import Fp4Config
+from .passes import DynamoGraph, LinearPass, PassManager
+from .report import logger, records_of, summary
+
+GraphCompiler = Callable[[fx.GraphModule, list[Any]], Callable]
+
+
+def compile_with_inductor(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    """Inductor, as ``torch.compile``'s default backend runs it."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+class Fp4Backend:
+    """A torch.compile backend object: quantizes what the config selects, then compiles the graph.
+
+    ``compile_graph`` compiles the rewritten graph: Inductor by default; tests and debugging may
+    pass another (e.g. ``lambda gm, inputs: gm.forward`` runs the rewritten graph eagerly).
+    """
+
+    def __init__(self, config: Fp4Config | None = None, compile_graph: GraphCompiler = compile_with_inductor):
+        if config is not None and not isinstance(config, Fp4Config):
+            raise TypeError(f"fp4compile.backend takes an Fp4Config, got {type(config).__name__}")
+        self.config = config or Fp4Config()
+        self.compile_graph = compile_graph
+        self.passes = PassManager([LinearPass()])
+
+    def __call__(
+        self,
+        gm: fx.GraphModule,
+        example_inputs: Sequence[Any],
+        *,
+        options: Mapping[str, Any] | None = None,
+        mode: str | None = None,
+    ) -> Callable:
+        if mode not in (None, "default"):
+            raise NotImplementedError(f"fp4compile does not support mode={mode!r} yet; use the default mode")
+        config = self.config.with_options(options)
+        graph = DynamoGraph(gm, list(example_inputs))
+        self.passes.run(graph, config)
+        if records := records_of(graph.values.values()):
+            logger.info(summary(records))
+        compiled = self.compile_graph(gm, list(example_inputs))
+        return _bound_to_baked_inputs(compiled, graph) if graph.baked_inputs else compiled
+
+
+def _bound_to_baked_inputs(compiled: Callable, graph: DynamoGraph) -> Callable:
+    """Guard a compiled graph against being run with other weights than those baked into it.
+
+    Dynamo reuses a compiled graph for every instance of a module class whose inputs pass its
+    guards, and parameters are inputs: a second model instance would silently run with the first
+    one's quantized weights. Until the graph takes quantized weights as inputs, that case raises.
+    """
+    baked = list(graph.baked_inputs.items())
+
+    def run(*args: Any) -> Any:
+        for position, weight in baked:
+            if args[position] is not weight():
+                raise RuntimeError(
+                    "fp4compile: this compiled graph holds the quantized weights of another model instance "
+                    "(Dynamo reuses compiled code across instances of a class). Compile one instance per "
+                    "process, or call torch._dynamo.reset() before compiling another instance."
+                )
+        return compiled(*args)
+
+    return run
+
+
+def backend(config: Fp4Config | None = None) -> Fp4Backend:
+    """A configured ``fp4`` backend: ``torch.compile(model, backend=fp4compile.backend(cfg))``."""
+    return Fp4Backend(config)
+
+
+def fp4_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+    """The function registered as the ``fp4`` entry point of ``torch_dynamo_backends``."""
+    return Fp4Backend()(gm, example_inputs, **kwargs)

@@ -1,0 +1,7 @@
+"""Graph passes on the Dynamo FX graph; they rewrite graphs and never compute numbers themselves."""
+
+from .graph import DynamoGraph, module_path
+from .linear import LinearPass
+from .manager import GraphPass, PassManager, PassResult
+
+__all__ = ["DynamoGraph", "GraphPass", "LinearPass", "PassManager", "PassResult", "module_path"]

@@ -1,0 +1,71 @@
+"""Quantized weights, made once per parameter and shared by every graph that uses it.
+
+Keyed by the ``nn.Parameter`` object itself (weakly), so recompiles (new shapes, graph breaks, a
+second ``torch.compile`` of the same model) find the quantized form instead of quantizing again.
+Once quantized, the parameter's original storage is released unless the config says otherwise
+(its tensor metadata stays, which is what Dynamo's guards look at), so the bf16 copy no longer
+takes memory. The uncompiled module must not be called after that: its weights are gone.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .formats import QuantizedTensor, quantize
+
+
+@dataclass(frozen=True)
+class StoredWeight:
+    """A parameter's quantized form and what it was quantized with."""
+
+    quantized: QuantizedTensor
+    scale_rule: str
+    original_bytes: int
+
+    @property
+    def quantized_bytes(self) -> int:
+        q = self.quantized
+        return sum(t.numel() * t.element_size() for t in (q.packed, q.scales, q.global_scale))
+
+
+_STORE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # by identity: tensor == compares values
+
+
+def lookup(weight: torch.Tensor) -> StoredWeight | None:
+    """The stored quantized form of ``weight``, if it has one."""
+    return _STORE.get(weight)
+
+
+def quantize_once(weight: torch.Tensor, fmt: str, scale_rule: str, release: bool) -> StoredWeight:
+    """Quantize ``weight`` (N, K) on its device, or return the form made earlier.
+
+    ``release``: free the original storage after quantizing.
+
+    A weight already quantized with another format or rule raises: its original values are gone.
+    """
+    stored = _STORE.get(weight)
+    if stored is None:
+        with torch.no_grad():
+            q = quantize(weight.detach(), fmt, scale_rule=scale_rule)
+        stored = StoredWeight(q, scale_rule, weight.numel() * weight.element_size())
+        _STORE[weight] = stored
+        if release:
+            release_storage(weight)
+    elif (stored.quantized.fmt, stored.scale_rule) != (fmt, scale_rule):
+        raise ValueError(
+            f"this weight was already quantized as {stored.quantized.fmt}/{stored.scale_rule} by an earlier "
+            f"fp4compile compile, and its original values were released; cannot requantize it as "
+            f"{fmt}/{scale_rule}. Rebuild the model to compile it with another format."
+        )
+    return stored
+
+
+def release_storage(weight: torch.Tensor) -> None:
+    """Free ``weight``'s memory, keeping its shape, dtype and device (what guards check)."""
+    weight.untyped_storage().resize_(0)
+
+
+def is_released(weight: torch.Tensor) -> bool:
+    """Whether ``weight``'s storage was released by ``quantize_once``."""
+    return weight in _STORE and weight.untyped_storage().nbytes() == 0
