@@ -54,30 +54,7 @@ class Fp4Backend:
         self.passes.run(graph, config)
         if records := records_of(graph.values.values()):
             logger.info(summary(records))
-        compiled = self.compile_graph(gm, list(example_inputs))
-        return _bound_to_baked_inputs(compiled, graph) if graph.baked_inputs else compiled
-
-
-def _bound_to_baked_inputs(compiled: Callable, graph: DynamoGraph) -> Callable:
-    """Guard a compiled graph against being run with other weights than those baked into it.
-
-    Dynamo reuses a compiled graph for every instance of a module class whose inputs pass its
-    guards, and parameters are inputs: a second model instance would silently run with the first
-    one's quantized weights. Until the graph takes quantized weights as inputs, that case raises.
-    """
-    baked = list(graph.baked_inputs.items())
-
-    def run(*args: Any) -> Any:
-        for position, weight in baked:
-            if args[position] is not weight():
-                raise RuntimeError(
-                    "fp4compile: this compiled graph holds the quantized weights of another model instance "
-                    "(Dynamo reuses compiled code across instances of a class). Compile one instance per "
-                    "process, or call torch._dynamo.reset() before compiling another instance."
-                )
-        return compiled(*args)
-
-    return run
+        return self.compile_graph(gm, list(example_inputs))
 
 
 def backend(config: Fp4Config | None = None) -> Fp4Backend:

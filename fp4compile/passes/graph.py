@@ -2,7 +2,6 @@
 the module paths they come from, and how to add compile-time tensors to it."""
 
 import re
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -24,18 +23,25 @@ class DynamoGraph:
     gm: fx.GraphModule
     example_inputs: list
     values: dict[fx.Node, object] = field(init=False)
-    baked_inputs: dict[int, "weakref.ref[torch.Tensor]"] = field(default_factory=dict)
-    """Input positions whose tensors a pass baked into the graph (as their quantized form), so the
-    compiled graph is valid only when called with those very tensors."""
 
     def __post_init__(self) -> None:
         placeholders = self.gm.graph.find_nodes(op="placeholder")
         self.values = dict(zip(placeholders, self.example_inputs))
-        self._positions = {node: i for i, node in enumerate(placeholders)}
 
-    def bake(self, placeholder: fx.Node) -> None:
-        """Record that ``placeholder``'s tensor is baked into the graph (see ``baked_inputs``)."""
-        self.baked_inputs[self._positions[placeholder]] = weakref.ref(self.values[placeholder])
+    def pin(self, placeholder: fx.Node) -> None:
+        """Make the compiled graph valid only for this very tensor behind ``placeholder``.
+
+        A pass that bakes a derived form of an input (a weight's fp4 form) into the graph must
+        pin it: Dynamo otherwise reuses a compiled graph for every instance of a module class
+        whose inputs pass its guards, and a second model would run with the first one's weights.
+        An identity guard (the one Dynamo itself uses for ``mark_static_address(guard=True)``)
+        makes it recompile for the new instance instead. Guards are built after the backend
+        returns, so installing one here counts; ``install_guard`` is Dynamo's, not a public API:
+        tested on torch 2.11 and 2.13.
+        """
+        from torch._dynamo.guards import GuardBuilder, install_guard
+
+        install_guard(placeholder._dynamo_source.make_guard(GuardBuilder.ID_MATCH))
 
     def parameter_of(self, node: fx.Node) -> tuple[torch.Tensor, str] | None:
         """The real tensor and dotted path of a placeholder fed by a module attribute, else None."""

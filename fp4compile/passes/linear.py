@@ -47,7 +47,7 @@ class LinearPass:
             record_layer(weight, LayerRecord(name, tuple(weight.shape), _nbytes(weight), _nbytes(weight), skipped=reason))
             return
         stored = quantized_weights.quantize_once(weight, config.format, config.scale_rule, config.release_weights)
-        graph.bake(weight_node)
+        graph.pin(weight_node)
         q = stored.quantized
         with graph.gm.graph.inserting_before(node):
             attrs = [
