@@ -21,6 +21,7 @@ class StoredWeight:
 
     quantized: QuantizedTensor
     scale_rule: str
+    transposed: bool
     original_bytes: int
 
     @property
@@ -37,28 +38,38 @@ def lookup(weight: torch.Tensor) -> StoredWeight | None:
     return _STORE.get(weight)
 
 
-def quantize_once(weight: torch.Tensor, fmt: str, scale_rule: str, release: bool) -> StoredWeight:
+def quantize_once(
+    weight: torch.Tensor, fmt: str, scale_rule: str, release: bool, transposed: bool = False
+) -> StoredWeight:
     """Quantize ``weight`` (N, K) on its device, or return the form made earlier.
 
-    ``release``: free the original storage after quantizing.
+    ``release``: free the original storage after quantizing. ``transposed``: the parameter is
+    stored as (K, N) (e.g. GPT-2's Conv1D) and its transpose is quantized.
 
-    A weight already quantized with another format or rule raises: its original values are gone.
+    A weight already quantized with another format, rule or layout is quantized again while its
+    values are still there (``release=False``), and raises once they are gone.
     """
     stored = _STORE.get(weight)
-    if stored is None:
-        with torch.no_grad():
-            q = quantize(weight.detach(), fmt, scale_rule=scale_rule)
-        stored = StoredWeight(q, scale_rule, weight.numel() * weight.element_size())
-        _STORE[weight] = stored
-        if release:
-            release_storage(weight)
-    elif (stored.quantized.fmt, stored.scale_rule) != (fmt, scale_rule):
+    if stored is not None and (stored.quantized.fmt, stored.scale_rule, stored.transposed) == (fmt, scale_rule, transposed):
+        return stored
+    if stored is not None and is_released(weight):
         raise ValueError(
-            f"this weight was already quantized as {stored.quantized.fmt}/{stored.scale_rule} by an earlier "
-            f"fp4compile compile, and its original values were released; cannot requantize it as "
-            f"{fmt}/{scale_rule}. Rebuild the model to compile it with another format."
+            f"this weight was already quantized as {_describe(stored.quantized.fmt, stored.scale_rule, stored.transposed)} "
+            f"by an earlier fp4compile compile and its original values were released; cannot quantize it again as "
+            f"{_describe(fmt, scale_rule, transposed)}. Rebuild the model, or compile with release_weights=False."
         )
+    with torch.no_grad():
+        matrix = weight.detach().t() if transposed else weight.detach()
+        q = quantize(matrix, fmt, scale_rule=scale_rule)
+    stored = StoredWeight(q, scale_rule, transposed, weight.numel() * weight.element_size())
+    _STORE[weight] = stored
+    if release:
+        release_storage(weight)
     return stored
+
+
+def _describe(fmt: str, scale_rule: str, transposed: bool) -> str:
+    return f"{fmt}/{scale_rule}" + (" (transposed)" if transposed else "")
 
 
 def release_storage(weight: torch.Tensor) -> None:

@@ -1,63 +1,22 @@
 """The fp4 torch.compile backend and the linear pass, on plain modules and tiny HF models (CPU)."""
 
-import copy
 import importlib.metadata
 
 import pytest
 import torch
+from compile_helpers import (  # noqa: F401
+    FP4_LINEAR,
+    compile_captured,
+    fake_quant_copy,
+    fresh_dynamo,
+    relative,
+)
 from torch import nn
 
 import fp4compile
 from fp4compile import Fp4Config, quantized_weights
-from fp4compile.backend import Fp4Backend, compile_with_inductor
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Start each test from empty Dynamo caches and counters (recompile counts are asserted)."""
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-class GraphCapture:
-    """A downstream compiler that keeps the rewritten graphs (then compiles them with Inductor)."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, gm, example_inputs):
-        self.graphs.append(copy.deepcopy(gm.graph))
-        return compile_with_inductor(gm, example_inputs)
-
-    def count(self, target) -> int:
-        return sum(1 for g in self.graphs for n in g.nodes if n.op == "call_function" and n.target is target)
-
-
-def compile_captured(model, config=Fp4Config(), **kwargs):
-    capture = GraphCapture()
-    return torch.compile(model, backend=Fp4Backend(config, compile_graph=capture), **kwargs), capture
-
-
-def fake_quant_copy(model: nn.Module, config: Fp4Config, names: list[str]) -> nn.Module:
-    """Eager reference: the named linears get dequantized fp4 weights (and fp4 activations)."""
-    ref = copy.deepcopy(model)
-    for name in names:
-        linear = ref.get_submodule(name)
-        q = fp4compile.quantize(linear.weight.detach(), config.format, scale_rule=config.scale_rule)
-        linear.weight.data = fp4compile.dequantize(q, linear.weight.dtype)
-        if config.act_mode == "fp4":
-            linear.register_forward_pre_hook(
-                lambda m, args: fp4compile.dequantize(fp4compile.quantize(args[0], config.format), args[0].dtype)
-            )
-    return ref
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def tiny_llama(**overrides) -> nn.Module:
@@ -85,27 +44,21 @@ def test_mlp_linears_are_replaced_and_match_fake_quant(config: Fp4Config):
         expected = ref(x)
         compiled, capture = compile_captured(model, config)
         y = compiled(x)
-    assert capture.count(torch.ops.fp4.linear.default) == 3
+    assert capture.count(FP4_LINEAR) == 3
     assert capture.count(torch.nn.functional.linear) == 0
     assert relative(y, expected) < 1e-5
     assert relative(y, full) < (0.25 if config.act_mode == "fp4" else 0.15)
 
 
-def test_tiny_llama_quantizes_every_eligible_linear_and_keeps_lm_head():
+def test_report_lists_quantized_and_kept_layers():
     model = tiny_llama()
-    ids = torch.randint(0, 256, (2, 9))
-    config = Fp4Config()
-    ref = fake_quant_copy(model, config, LLAMA_LINEARS)
     with torch.no_grad():
-        full, expected = model(ids).logits, ref(ids).logits
-        compiled, capture = compile_captured(model, config)
-        logits = compiled(ids).logits
-    assert capture.count(torch.ops.fp4.linear.default) == len(LLAMA_LINEARS)
-    assert relative(logits, expected) < 1e-4
-    assert relative(logits, full) < 0.2  # random-init logits are small; fp4 weights: ~0.1
-    text = fp4compile.report(compiled)
-    assert "lm_head" in text and "kept by default" in text
-    assert f"{len(LLAMA_LINEARS)} layer(s) quantized" in text
+        torch.compile(model, backend="fp4")(torch.randint(0, 256, (1, 4)))
+    text = fp4compile.report(model)
+    assert "model.layers.1.mlp.down_proj" in text and "128x64" not in text.split("down_proj")[0][-60:]
+    assert "lm_head" in text and "kept by default ('lm_head'" in text
+    assert f"{len(LLAMA_LINEARS)} layer(s) quantized" in text and "1 kept in their original dtype" in text
+    assert text.count("torch (reference)") == len(LLAMA_LINEARS)
 
 
 def test_weights_are_quantized_once_across_recompiles_and_a_second_compile(monkeypatch):
@@ -172,7 +125,7 @@ def test_graph_breaks_send_every_subgraph_through_the_backend():
         y = compiled(x)
         expected = ref(x)
     assert len(capture.graphs) == 2
-    assert capture.count(torch.ops.fp4.linear.default) == 2
+    assert capture.count(FP4_LINEAR) == 2
     assert relative(y, expected) < 1e-5
 
 
@@ -238,7 +191,7 @@ def test_include_and_exclude_patterns():
     with torch.no_grad():
         _, capture = compile_captured(model, config)
         _(torch.randint(0, 256, (1, 4)))
-    assert capture.count(torch.ops.fp4.linear.default) == 2 * 2 + 1  # gate/up per layer + lm_head
+    assert capture.count(FP4_LINEAR) == 2 * 2 + 1  # gate/up per layer + lm_head
 
 
 def test_bad_options_raise_clear_errors():
@@ -257,15 +210,6 @@ def test_entry_point_is_registered():
     assert "fp4" in torch._dynamo.list_backends()
 
 
-def test_generate_runs_on_the_compiled_model():
-    model = tiny_llama()
-    ids = torch.randint(0, 256, (1, 5))
-    with torch.no_grad():
-        model.forward = torch.compile(model.forward, backend="fp4")
-        out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, 9)
-
-
 def test_each_model_instance_gets_its_own_quantized_weights():
     """Dynamo reuses compiled code across instances of a class unless a guard says otherwise; the
     fp4 graph bakes one instance's weights in, so a second instance must recompile, not reuse."""
@@ -280,3 +224,63 @@ def test_each_model_instance_gets_its_own_quantized_weights():
     assert relative(y_first, expected[0]) < 1e-5
     assert relative(y_second, expected[1]) < 1e-5
     assert torch.equal(y_first_again, y_first)
+
+
+def test_compiling_with_grad_enabled_trains_what_stays_in_high_precision():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64), nn.Linear(64, 8))
+    x = torch.randn(4, 32, requires_grad=True)
+    reference = fake_quant_copy(model, Fp4Config(), ["0", "2"])
+    compiled = torch.compile(model, backend="fp4")
+    compiled(x).square().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    reference(x_ref).square().sum().backward()
+    assert relative(x.grad, x_ref.grad) < 1e-4
+    assert relative(model[1].weight.grad, reference[1].weight.grad) < 1e-4
+    assert relative(model[2].bias.grad, reference[2].bias.grad) < 1e-4
+    assert model[0].weight.grad is None  # fp4 weights are frozen
+
+
+def test_dynamic_true_compiles_once_for_all_lengths():
+    model = tiny_llama()
+    with torch.no_grad():
+        compiled, capture = compile_captured(model, dynamic=True)
+        for length in (3, 8, 21):
+            compiled(torch.randint(0, 256, (2, length)))
+    # (Dynamo may restart an analysis and call the backend twice for one graph; it counts once.)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert capture.count(FP4_LINEAR, graph=-1) == len(LLAMA_LINEARS)
+
+
+def test_one_dimensional_and_non_contiguous_inputs():
+    torch.manual_seed(0)
+    model = nn.Linear(64, 16)
+    reference = fake_quant_copy(nn.Sequential(model), Fp4Config(), ["0"])[0]
+    x = torch.randn(64, 5).t()  # non-contiguous (5, 64)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="fp4")
+        assert relative(compiled(x), reference(x)) < 1e-5
+        assert relative(compiled(x[2]), reference(x[2])) < 1e-5  # 1-D
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"format": 4}, TypeError, "Fp4Config.format must be a string"),
+        ({"exclude": "lm_head"}, TypeError, "Fp4Config.exclude takes a list .* wrap it in a list"),
+        ({"release_weights": "yes"}, TypeError, "Fp4Config.release_weights must be True or False"),
+    ],
+)
+def test_wrong_option_types_raise(options: dict, error: type, match: str):
+    # torch.compile calls a backend at the first run and wraps what it raises.
+    with torch.no_grad(), pytest.raises(Exception, match=f"{error.__name__}: {match}"):
+        torch.compile(nn.Linear(32, 32), backend="fp4", options=options)(torch.randn(1, 32))
+
+
+def test_a_released_weight_cannot_be_requantized_in_another_format():
+    model = nn.Linear(32, 32)
+    with torch.no_grad():
+        torch.compile(model, backend="fp4")(torch.randn(1, 32))
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="already quantized as nvfp4/optimal"):
+            torch.compile(model, backend="fp4", options={"format": "mxfp4"})(torch.randn(1, 32))

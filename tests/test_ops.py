@@ -188,3 +188,18 @@ def test_reference_quantize_on_cuda_is_bit_identical_to_cpu(fmt: str, scale_rule
     on_cpu, on_gpu = quantize(x, fmt, scale_rule=scale_rule), quantize(x.cuda(), fmt, scale_rule=scale_rule)
     for a, b in zip(on_cpu[:3], on_gpu[:3]):
         assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("act_mode", ["fp4", "none"])
+def test_linear_backward_is_straight_through_for_the_activation(act_mode: str, rng: torch.Generator):
+    w = quantized_weight("nvfp4", rng)
+    x = torch.randn(3, 5, K, generator=rng, requires_grad=True)
+    bias = torch.randn(N, generator=rng, requires_grad=True)
+    y = torch.ops.fp4.linear(*linear_args(x, w, "nvfp4", act_mode, bias))
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    weight = dequantize(w, torch.float64)
+    assert torch.allclose(x.grad.double(), grad.double() @ weight, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(bias.grad, grad.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.fp4.linear.default, linear_args(x, w, "nvfp4", act_mode, bias),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

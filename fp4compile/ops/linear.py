@@ -8,7 +8,7 @@ fuse it into the GEMM) and W4A16 (``act_mode="none"``). The global scales enter 
 import torch
 
 from ..formats import QuantizedTensor
-from ..formats.blocks import SUPPORTED_DTYPES, check_quantized
+from ..formats.blocks import SUPPORTED_DTYPES, check_quantized, dequantize
 from ..formats.linear import check_act_mode, linear_reference
 from ..formats.spec import NVFP4, get_format
 
@@ -38,6 +38,32 @@ def linear(
 def _(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode):
     check_linear_args(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode)
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+def _setup_backward(ctx, inputs, output) -> None:
+    x, w_packed, w_scales, w_global_scale, _, bias, fmt, _ = inputs
+    ctx.save_for_backward(w_packed, w_scales, w_global_scale)
+    ctx.fmt = fmt
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad: torch.Tensor):
+    """Gradients for the activation and the bias; the fp4 weight is frozen (no gradient).
+
+    Activation quantization (W4A4) is treated as the identity (straight-through estimator), so
+    a compiled model can still train the parts left in high precision (e.g. adapters, norms).
+    """
+    w_packed, w_scales, w_global_scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = dequantize(QuantizedTensor(w_packed, w_scales, w_global_scale, ctx.fmt))
+        grad_x = (grad.float() @ weight).to(grad.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, None, grad_bias, None, None
+
+
+linear.register_autograd(_backward, setup_context=_setup_backward)
 
 
 def check_linear_args(

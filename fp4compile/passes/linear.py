@@ -1,7 +1,6 @@
-"""The linear pass: ``F.linear(x, w, b)`` on a module weight -> ``fp4::linear`` on its fp4 form."""
+"""The linear pass: a linear layer on a module weight -> ``fp4::linear`` on the weight's fp4 form."""
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from .. import quantized_weights
@@ -10,18 +9,18 @@ from ..formats import get_format
 from ..formats.blocks import SUPPORTED_DTYPES
 from ..report import LayerRecord, record_layer
 from .graph import DynamoGraph
+from .linear_match import LinearSite, match_linear, only_used_as_weight
 from .manager import PassResult
 
-LINEAR_TARGETS = (F.linear, torch.ops.aten.linear.default)
 IMPLEMENTATION = "torch (reference)"
 
 
 class LinearPass:
-    """Replaces every eligible linear layer with ``torch.ops.fp4.linear``.
+    """Replaces every eligible linear layer (see ``linear_match``) with ``torch.ops.fp4.linear``.
 
     Eligible: the weight is a 2-D floating parameter (a module attribute) selected by the config,
-    with K a multiple of the format's group size, used only as linear weights in the graph (a
-    weight also read elsewhere, e.g. tied to an embedding, is kept).
+    with in_features a multiple of the format's group size, and used only as a linear weight in
+    the graph (a weight also read elsewhere, e.g. tied to an embedding, is kept).
     """
 
     name = "linear"
@@ -29,46 +28,54 @@ class LinearPass:
     def __call__(self, graph: DynamoGraph, config: Fp4Config) -> PassResult:
         result = PassResult(self.name)
         for node in list(graph.gm.graph.nodes):
-            if node.op == "call_function" and node.target in LINEAR_TARGETS:
-                self._rewrite(graph, config, node, result)
+            site = match_linear(node)
+            if isinstance(site, str):
+                result.skip(site)
+            elif site is not None:
+                self._rewrite(graph, config, site, result)
         return result
 
-    def _rewrite(self, graph: DynamoGraph, config: Fp4Config, node: fx.Node, result: PassResult) -> None:
-        x, weight_node, bias = (list(node.args) + [node.kwargs.get("bias")])[:3]
-        found = graph.parameter_of(weight_node) if isinstance(weight_node, fx.Node) else None
+    def _rewrite(self, graph: DynamoGraph, config: Fp4Config, site: LinearSite, result: PassResult) -> None:
+        found = graph.parameter_of(site.weight)
         if found is None:
             result.skip("weight is not a module parameter")
             return
         weight, path = found
         name = path.removesuffix(".weight")
-        reason = _ineligible(weight, weight_node, name, config)
+        shape = tuple(weight.shape[::-1] if site.transposed else weight.shape)
+        reason = _ineligible(weight, shape, site, name, config)
         if reason is not None:
             result.skip(reason)
-            record_layer(weight, LayerRecord(name, tuple(weight.shape), _nbytes(weight), _nbytes(weight), skipped=reason))
+            record_layer(weight, LayerRecord(name, shape, _nbytes(weight), _nbytes(weight), skipped=reason))
             return
-        stored = quantized_weights.quantize_once(weight, config.format, config.scale_rule, config.release_weights)
-        graph.pin(weight_node)
+        stored = quantized_weights.quantize_once(
+            weight, config.format, config.scale_rule, config.release_weights, site.transposed
+        )
+        graph.pin(site.weight)
         q = stored.quantized
-        with graph.gm.graph.inserting_before(node):
+        fx_graph = graph.gm.graph
+        with fx_graph.inserting_before(site.node):
             attrs = [
-                graph.gm.graph.get_attr(graph.add_constant(f"fp4_{name}_{part}", tensor))
+                fx_graph.get_attr(graph.add_constant(f"fp4_{name}_{part}", tensor))
                 for part, tensor in (("packed", q.packed), ("scales", q.scales), ("global_scale", q.global_scale))
             ]
-            replacement = graph.gm.graph.call_function(
-                torch.ops.fp4.linear.default, (x, *attrs, None, bias, config.format, config.act_mode)
+            replacement = fx_graph.call_function(
+                torch.ops.fp4.linear.default, (site.x, *attrs, None, site.bias, config.format, config.act_mode)
             )
-        replacement.meta.update(node.meta)
-        node.replace_all_uses_with(replacement)
-        graph.gm.graph.erase_node(node)
+        replacement.meta.update(site.node.meta)
+        site.node.replace_all_uses_with(replacement)
+        fx_graph.erase_node(site.node)
+        if site.transpose_node is not None and not site.transpose_node.users:
+            fx_graph.erase_node(site.transpose_node)
         result.matched += 1
         record_layer(
             weight,
-            LayerRecord(name, tuple(weight.shape), stored.original_bytes, stored.quantized_bytes,
+            LayerRecord(name, shape, stored.original_bytes, stored.quantized_bytes,
                         config.format, config.act_mode, IMPLEMENTATION),
         )
 
 
-def _ineligible(weight: torch.Tensor, weight_node: fx.Node, name: str, config: Fp4Config) -> str | None:
+def _ineligible(weight: torch.Tensor, shape: tuple, site: LinearSite, name: str, config: Fp4Config) -> str | None:
     """Why the layer must stay in its dtype, or None if it can be quantized."""
     selected, reason = config.selects(name)
     if not selected:
@@ -76,9 +83,9 @@ def _ineligible(weight: torch.Tensor, weight_node: fx.Node, name: str, config: F
     if weight.dim() != 2 or weight.dtype not in SUPPORTED_DTYPES:
         return f"weight is {weight.dtype} of shape {tuple(weight.shape)}, not a 2-D float tensor"
     group = get_format(config.format).group_size
-    if weight.shape[1] % group:
-        return f"in_features={weight.shape[1]} is not a multiple of the {config.format} group size {group}"
-    if any(user.target not in LINEAR_TARGETS or user.args[1] is not weight_node for user in weight_node.users):
+    if shape[1] % group:
+        return f"in_features={shape[1]} is not a multiple of the {config.format} group size {group}"
+    if not only_used_as_weight(site.weight):
         return "weight is also used outside linear layers (tied weights)"
     return None
 
