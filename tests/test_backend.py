@@ -284,3 +284,18 @@ def test_a_released_weight_cannot_be_requantized_in_another_format():
         torch._dynamo.reset()
         with pytest.raises(Exception, match="already quantized as nvfp4/optimal"):
             torch.compile(model, backend="fp4", options={"format": "mxfp4"})(torch.randn(1, 32))
+
+
+@pytest.mark.parametrize(
+    ("source", "path"),
+    [
+        ("L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']", "model.layers.0.weight"),
+        ("L['fn']._modules['0']._parameters['weight']", "0.weight"),
+        ("G['lin']._parameters['weight']", "lin.weight"),
+        ("L['block']._modules['proj']._parameters['bias']", "block.proj.bias"),
+    ],
+)
+def test_module_paths_from_dynamo_sources(source: str, path: str):
+    from fp4compile.passes import module_path
+
+    assert module_path(source) == path

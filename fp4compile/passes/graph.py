@@ -7,13 +7,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+_ROOT = re.compile(r"^[LG]\['([^']+)'\]")
 _PATH_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
+_ANONYMOUS_ROOTS = ("self", "fn")  # the module being compiled, as Dynamo names it
 
 
 def module_path(source_name: str) -> str:
     """``L['self']._modules['model']._modules['layers']._modules['0']._parameters['weight']`` ->
-    ``model.layers.0.weight`` (the root object, ``self`` or a global, is left out)."""
-    return ".".join(_PATH_PART.findall(source_name))
+    ``model.layers.0.weight``. The compiled module itself (``self``, ``fn``) is left out; a module
+    reached through another variable keeps that name (``G['lin']._parameters['weight']`` ->
+    ``lin.weight``)."""
+    root = _ROOT.match(source_name)
+    parts = _PATH_PART.findall(source_name)
+    if root and root.group(1) not in _ANONYMOUS_ROOTS:
+        parts.insert(0, root.group(1))
+    return ".".join(parts)
+
+
+def _owner_source(parameter_source):
+    """``<module>._parameters['weight']`` -> the source of ``<module>`` (see ``parameter_of``)."""
+    return parameter_source.base.base
 
 
 @dataclass
@@ -28,28 +41,31 @@ class DynamoGraph:
         placeholders = self.gm.graph.find_nodes(op="placeholder")
         self.values = dict(zip(placeholders, self.example_inputs))
 
-    def pin(self, placeholder: fx.Node) -> None:
-        """Make the compiled graph valid only for this very tensor behind ``placeholder``.
-
-        A pass that bakes a derived form of an input (a weight's fp4 form) into the graph must
-        pin it: Dynamo otherwise reuses a compiled graph for every instance of a module class
-        whose inputs pass its guards, and a second model would run with the first one's weights.
-        An identity guard (the one Dynamo itself uses for ``mark_static_address(guard=True)``)
-        makes it recompile for the new instance instead. Guards are built after the backend
-        returns, so installing one here counts; ``install_guard`` is Dynamo's, not a public API:
-        tested on torch 2.11 and 2.13.
-        """
-        from torch._dynamo.guards import GuardBuilder, install_guard
-
-        install_guard(placeholder._dynamo_source.make_guard(GuardBuilder.ID_MATCH))
-
     def parameter_of(self, node: fx.Node) -> tuple[torch.Tensor, str] | None:
-        """The real tensor and dotted path of a placeholder fed by a module attribute, else None."""
+        """The real tensor and dotted path of a placeholder fed by a module parameter, else None."""
         if node.op != "placeholder" or not isinstance(self.values.get(node), torch.Tensor):
             return None
         source = getattr(node, "_dynamo_source", None)
-        path = module_path(source.name) if source is not None else ""
-        return (self.values[node], path) if path else None
+        parent = getattr(source, "base", None)
+        if parent is None or not parent.name.endswith("._parameters"):
+            return None
+        return self.values[node], module_path(source.name)
+
+    def pin(self, placeholder: fx.Node) -> None:
+        """Make the compiled graph valid only for the module that owns ``placeholder``'s parameter.
+
+        A pass that bakes a derived form of a parameter (a weight's fp4 form) into the graph must
+        pin it: Dynamo otherwise reuses a compiled graph for every instance of a module class
+        whose inputs pass its guards, and a second model would run with the first one's weights.
+        An identity guard on the owning module makes Dynamo recompile for a new instance instead.
+        (On the module, not the parameter: torch 2.11 formats an identity-guarded tensor with
+        ``repr``, which reads the values that quantization released.) Guards are built after the
+        backend returns, so installing one here counts; ``install_guard`` is Dynamo's, not a
+        public API: tested on torch 2.11 and 2.13.
+        """
+        from torch._dynamo.guards import GuardBuilder, install_guard
+
+        install_guard(_owner_source(placeholder._dynamo_source).make_guard(GuardBuilder.ID_MATCH))
 
     def add_constant(self, name: str, tensor: torch.Tensor) -> str:
         """Register ``tensor`` on the graph module for ``get_attr`` nodes; returns its attribute name.
