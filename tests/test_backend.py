@@ -299,3 +299,18 @@ def test_module_paths_from_dynamo_sources(source: str, path: str):
     from fp4compile.passes import module_path
 
     assert module_path(source) == path
+
+
+def test_unsupported_compile_modes_are_refused_before_quantizing():
+    model = nn.Linear(32, 32)
+    with torch.no_grad(), pytest.raises(Exception, match="does not support mode='reduce-overhead' yet"):
+        torch.compile(model, backend="fp4", mode="reduce-overhead")(torch.randn(1, 32))
+    assert quantized_weights.lookup(model.weight) is None
+
+
+def test_compiling_logs_a_summary_at_info(caplog: pytest.LogCaptureFixture):
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 40), nn.Linear(40, 8))
+    with torch.no_grad(), caplog.at_level("INFO", logger="fp4compile"):
+        torch.compile(model, backend="fp4")(torch.randn(1, 32))
+    assert "fp4compile: 2 layer(s) quantized" in caplog.text
+    assert "in_features=40 is not a multiple of the nvfp4 group size 16" in caplog.text
