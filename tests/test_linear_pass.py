@@ -121,7 +121,7 @@ def test_tiny_models_quantize_every_eligible_linear_and_match_fake_quant(family:
     assert f"{len(eligible)} layer(s) quantized" in fp4compile.report(compiled)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_on_a_compiled_forward(family: str):
     # On the GPU when there is one: torch 2.11's Inductor C++ backend miscompiles this CPU graph
     # (an undeclared variable in an index check), with or without fp4compile.
