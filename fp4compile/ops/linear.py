@@ -11,6 +11,7 @@ from ..formats import QuantizedTensor
 from ..formats.blocks import SUPPORTED_DTYPES, check_quantized, dequantize
 from ..formats.linear import check_act_mode, linear_reference
 from ..formats.spec import NVFP4, get_format
+from .implementations import TRITON_AVAILABLE
 
 
 @torch.library.custom_op("fp4::linear", mutates_args=())
@@ -32,6 +33,15 @@ def linear(
     check_linear_args(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode)
     weight = QuantizedTensor(w_packed, w_scales, w_global_scale, fmt)
     return linear_reference(x, weight, act_global_scale, bias, act_mode)
+
+
+if TRITON_AVAILABLE:
+    from ..kernels.triton import fp4_linear
+
+    @linear.register_kernel("cuda")
+    def _(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode):
+        check_linear_args(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode)
+        return fp4_linear(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode)
 
 
 @linear.register_fake

@@ -1,8 +1,8 @@
 """Custom ops ``fp4::quantize`` and ``fp4::dequantize``.
 
 Functional (they return new tensors and never mutate or alias their inputs) so Inductor can treat
-them as ordinary extern calls, with fake implementations for tracing. The default implementation,
-used on every device until a kernel registers for it, is the reference in ``formats``.
+them as ordinary extern calls, with fake implementations for tracing. On CUDA they run the Triton
+kernels (``kernels/triton``); elsewhere the reference in ``formats``.
 """
 
 import torch
@@ -10,6 +10,7 @@ import torch
 from ..formats import QuantizedTensor, dequantize as dequantize_reference, quantize as quantize_reference
 from ..formats.blocks import check_input, check_quantized
 from ..formats.spec import MXFP4, get_format
+from .implementations import TRITON_AVAILABLE
 
 
 @torch.library.custom_op("fp4::quantize", mutates_args=())
@@ -35,6 +36,15 @@ def _(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None):
     packed = x.new_empty((*lead, k // 2), dtype=torch.uint8)
     scales = x.new_empty((*lead, k // spec.group_size), dtype=torch.uint8)
     return packed, scales, x.new_empty((), dtype=torch.float32)
+
+
+if TRITON_AVAILABLE:
+    from ..kernels.triton import fp4_quantize
+
+    @quantize.register_kernel("cuda")
+    def _(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None):
+        _check_quantize_args(x, fmt, global_scale)
+        return fp4_quantize(x, fmt, global_scale)
 
 
 def _check_quantize_args(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None) -> None:

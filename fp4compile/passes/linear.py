@@ -7,12 +7,11 @@ from .. import quantized_weights
 from ..config import Fp4Config
 from ..formats import get_format
 from ..formats.blocks import SUPPORTED_DTYPES
+from ..ops.implementations import implementation_for
 from ..report import LayerRecord, record_layer
 from .graph import DynamoGraph
 from .linear_match import LinearSite, match_linear, only_used_as_weight
 from .manager import PassResult
-
-IMPLEMENTATION = "torch (reference)"
 
 
 class LinearPass:
@@ -71,7 +70,7 @@ class LinearPass:
         record_layer(
             weight,
             LayerRecord(name, shape, stored.original_bytes, stored.quantized_bytes,
-                        config.format, config.act_mode, IMPLEMENTATION),
+                        config.format, config.act_mode, implementation_for(weight.device)),
         )
 
 

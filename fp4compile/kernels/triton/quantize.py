@@ -1,0 +1,82 @@
+"""Activation quantization kernel: x (M, K) -> packed e2m1 (M, K/2) + scale bytes (M, K/G).
+
+One pass over x, bit-for-bit the ``spec`` rule of ``formats`` (MXFP4 and NVFP4). The NVFP4
+global scale is a device tensor (static, or the reference's dynamic ``amax / (6 * 448)``
+computed on the device before the kernel): no host sync, CUDA-graph safe.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ...formats import nvfp4_global_scale
+from ...formats.spec import MXFP4, get_format
+from .codecs import e4m3_value, e8m0_value, encode_e2m1, encode_e4m3
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, packed_ptr, scales_ptr, gs_ptr, M, K, stride_xm,
+    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
+):
+    BLOCK_K: tl.constexpr = GROUP * GROUPS_PER_PROGRAM
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    blocks = tl.reshape(x, (BLOCK_M, GROUPS_PER_PROGRAM, GROUP))
+    amax = tl.max(tl.abs(blocks), axis=2)
+    # A NaN or infinity poisons its block (|x| - |x| is NaN exactly for those).
+    poisoned = tl.max((tl.abs(blocks) - tl.abs(blocks) != 0).to(tl.int32), axis=2) > 0
+    if IS_MXFP4:
+        exponent_field = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        scale = tl.minimum(tl.maximum(exponent_field - 127 - 2, -127), 127) + 127  # floor(log2 amax) - 2
+        scale = tl.where(poisoned, 0xFF, scale)
+        divisor = e8m0_value(scale)
+    else:
+        gs = tl.load(gs_ptr)
+        scale = encode_e4m3(tl.math.div_rn(amax, 6.0 * gs))
+        scale = tl.where(poisoned, 0x7F, scale)
+        divisor = e4m3_value(scale) * gs
+    divisor = divisor[:, :, None]
+    scaled = tl.where(divisor == 0, 0.0, tl.math.div_rn(blocks, divisor))
+    codes = tl.reshape(encode_e2m1(scaled), (BLOCK_M, BLOCK_K // 2, 2))
+    low, high = tl.split(codes)
+    packed = (low | (high << 4)).to(tl.uint8)
+    half_cols = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    tl.store(packed_ptr + rows[:, None] * (K // 2) + half_cols[None, :], packed,
+             mask=(rows[:, None] < M) & (half_cols[None, :] < K // 2))
+    group_cols = tl.program_id(1) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+    tl.store(scales_ptr + rows[:, None] * (K // GROUP) + group_cols[None, :], scale.to(tl.uint8),
+             mask=(rows[:, None] < M) & (group_cols[None, :] < K // GROUP))
+
+
+def fp4_quantize(
+    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton version of ``fp4::quantize`` (spec scale rule): same outputs, same bits.
+
+    x: (..., K) float32/float16/bfloat16, K a multiple of the group size (validated by the op).
+    """
+    spec = get_format(fmt)
+    *lead, k = x.shape
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    packed = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
+    scales = torch.empty((m, k // spec.group_size), dtype=torch.uint8, device=x.device)
+    if spec is MXFP4:
+        gs = torch.ones((), dtype=torch.float32, device=x.device)
+    elif global_scale is None:
+        gs = nvfp4_global_scale(x)
+    else:
+        gs = global_scale.reshape(()).clone()
+    groups_per_program = min(128 // spec.group_size, triton.next_power_of_2(k // spec.group_size))
+    block_m = 16
+    grid = (triton.cdiv(m, block_m), triton.cdiv(k // spec.group_size, groups_per_program))
+    _quantize_kernel[grid](
+        rows, packed, scales, gs, m, k, rows.stride(0),
+        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, BLOCK_M=block_m, GROUPS_PER_PROGRAM=groups_per_program,
+    )
+    return packed.reshape(*lead, k // 2), scales.reshape(*lead, k // spec.group_size), gs

@@ -1,0 +1,120 @@
+"""Triton kernels against the reference: on CPU in Triton's interpreter (small odd sizes), on the
+GPU at real sizes. Quantization must match bit for bit; GEMMs within 1e-2 relative L2 of fp64."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fp4compile.formats import dequantize, quantize
+
+triton_kernels = pytest.importorskip("fp4compile.kernels.triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FORMATS = ("mxfp4", "nvfp4")
+SHAPES = json.loads((Path(__file__).parents[1] / "benchmarks" / "shapes.json").read_text())["linear"]
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations():
+    """``torch.empty`` returns NaN-filled memory: an output element a kernel never writes shows."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous[0])
+    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
+
+
+def activations(m: int, k: int, generator: torch.Generator, dtype=torch.bfloat16) -> torch.Tensor:
+    """Fresh random rows spanning many magnitudes, with the special values of the formats."""
+    x = torch.randn(m, k, generator=generator) * torch.logspace(-8, 8, m).unsqueeze(-1)
+    if m >= 5:
+        x[1, 3], x[2, min(40, k - 1)] = float("nan"), float("-inf")
+        x[3, :32], x[4, :16] = 0.0, -0.0
+    return x.to(dtype).to(DEVICE)
+
+
+def check_quantize(x: torch.Tensor, fmt: str, global_scale=None) -> None:
+    packed, scales, gs = triton_kernels.fp4_quantize(x, fmt, global_scale)
+    q = quantize(x, fmt, global_scale=global_scale)
+    assert torch.equal(packed, q.packed)
+    assert torch.equal(scales, q.scales)
+    assert torch.equal(gs, q.global_scale)
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def check_linear(m: int, n: int, k: int, fmt: str, act_mode: str, generator: torch.Generator, bias: bool = True):
+    x = (torch.randn(m, k, generator=generator)).to(torch.bfloat16).to(DEVICE)
+    w = quantize(torch.randn(n, k, generator=generator).to(DEVICE), fmt, scale_rule="optimal")
+    b = torch.randn(n, generator=generator).to(torch.bfloat16).to(DEVICE) if bias else None
+    y = triton_kernels.fp4_linear(x, w.packed, w.scales, w.global_scale, None, b, fmt, act_mode)
+    assert y.shape == (m, n) and y.dtype == x.dtype and not y.isnan().any()
+    a = dequantize(quantize(x, fmt), torch.float64) if act_mode == "fp4" else x.double()
+    ref = a @ dequantize(w, torch.float64).T + (b.double() if bias else 0)
+    assert relative_error(y, ref) < 1e-2
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("k", [64, 96, 160])
+def test_quantize_kernel_is_bit_exact_at_small_odd_sizes(fmt: str, m: int, k: int, rng: torch.Generator):
+    check_quantize(activations(m, k, rng), fmt)
+
+
+def test_quantize_kernel_static_global_scale_and_input_dtypes(rng: torch.Generator):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = activations(7, 96, rng, dtype)
+        check_quantize(x, "mxfp4")
+        check_quantize(x, "nvfp4", torch.tensor(0.01, device=DEVICE))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("act_mode", ["none", "fp4"])
+@pytest.mark.parametrize(("m", "k"), [(1, 64), (5, 96), (33, 160)])
+def test_linear_kernel_at_small_odd_sizes(fmt: str, act_mode: str, m: int, k: int, rng: torch.Generator):
+    check_linear(m, 48, k, fmt, act_mode, rng, bias=m != 5)
+
+
+def test_ops_dispatch_to_the_kernels_on_cuda_only():
+    from fp4compile.ops.implementations import implementation_for
+
+    assert implementation_for(torch.device("cpu")) == "torch (reference)"
+    assert implementation_for(torch.device("cuda")) == "triton"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 5, 16, 127, 128, 129, 4096])
+def test_quantize_kernel_on_gpu_at_real_sizes(fmt: str, m: int, rng: torch.Generator):
+    for k in (4096, 14336, 4160):  # 4160: not a multiple of 128
+        check_quantize(activations(m, k, rng), fmt)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("act_mode", ["none", "fp4"])
+@pytest.mark.parametrize("m", [1, 5, 16, 127, 129, 4096])
+def test_linear_kernel_on_gpu_at_real_sizes(fmt: str, act_mode: str, m: int, rng: torch.Generator):
+    for model, layers in SHAPES.items():
+        n, k = layers["o"] if m == 4096 else layers["qkv"]  # keep the large-M cases affordable
+        check_linear(m, n, k, fmt, act_mode, rng)
+    check_linear(m, 4096, 4160, fmt, act_mode, rng)  # K not a multiple of 128
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act_mode", ["none", "fp4"])
+def test_cuda_ops_run_the_kernels_without_host_syncs(act_mode: str):
+    w = quantize(torch.randn(256, 512, device="cuda"), "nvfp4")
+    x = torch.randn(16, 512, device="cuda", dtype=torch.bfloat16)
+    expected = triton_kernels.fp4_linear(x, w.packed, w.scales, w.global_scale, None, None, "nvfp4", act_mode)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = torch.ops.fp4.linear(x, w.packed, w.scales, w.global_scale, None, None, "nvfp4", act_mode)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(y, expected)
