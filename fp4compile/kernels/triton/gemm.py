@@ -40,14 +40,18 @@ def _decode_tile(packed_ptr, scales_ptr, rows, k0, n_rows, K, GROUP: tl.constexp
 @triton.jit
 def _linear_kernel(
     x_ptr, a_packed_ptr, a_scales_ptr, w_packed_ptr, w_scales_ptr, alpha_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm,
+    M, N, K, stride_xm, K_PER_SPLIT,
     GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, ACT_FP4: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr,
 ):
+    """One (BLOCK_M, BLOCK_N) output tile over K range ``program_id(2)``. With WRITE_PARTIAL the
+    float32 partial sum goes to ``out_ptr[split]`` for ``_reduce_splits_kernel``."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(2) * K_PER_SPLIT
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         w = _decode_tile(w_packed_ptr, w_scales_ptr, cols, k0, N, K, GROUP, IS_MXFP4, BLOCK_N, BLOCK_K, DOT_DTYPE)
         if ACT_FP4:
             a = _decode_tile(a_packed_ptr, a_scales_ptr, rows, k0, M, K, GROUP, IS_MXFP4, BLOCK_M, BLOCK_K, DOT_DTYPE)
@@ -56,11 +60,37 @@ def _linear_kernel(
             a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
                         mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(DOT_DTYPE)
         acc += tl.dot(a, tl.trans(w))
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    if WRITE_PARTIAL:
+        tl.store(out_ptr + tl.program_id(2) * M * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
+    else:
+        acc = acc * tl.load(alpha_ptr)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_splits_kernel(partial_ptr, alpha_ptr, bias_ptr, out_ptr, M, N, SPLITS,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """out = alpha * sum over splits of the partial sums (+ bias), in a fixed order: deterministic."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(0, SPLITS):
+        acc += tl.load(partial_ptr + split * M * N + offs, mask=mask, other=0.0)
     acc = acc * tl.load(alpha_ptr)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """About two programs per multiprocessor keep a memory-bound GEMV busy (4 in the interpreter,
+    which exercises the split path on small shapes)."""
+    if device.type != "cuda":
+        return 4
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _block_k(k: int, group: int) -> int:
@@ -95,13 +125,26 @@ def fp4_linear(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m = 16 if m <= 16 else (64 if m <= 128 else 128)
     block_n = 64 if m <= 128 else 128
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _linear_kernel[grid](
-        rows, a_packed, a_scales, w_packed, w_scales, alpha, bias if bias is not None else rows, out,
-        m, n, k, rows.stride(0),
+    block_k = _block_k(k, spec.group_size)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    # Split K when the output tiles alone cannot fill the GPU (decode-sized M).
+    splits = max(1, min(_programs_wanted(x.device) // tiles, triton.cdiv(k, block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    bias_arg = bias if bias is not None else rows  # never read without HAS_BIAS
+    _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
+        rows, a_packed, a_scales, w_packed, w_scales, alpha, bias_arg, partial,
+        m, n, k, rows.stride(0), k_per_split,
         GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, ACT_FP4=act_mode == "fp4", HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=_block_k(k, spec.group_size),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         # The interpreter (CPU CI) computes bf16 dots wrongly (numpy has no bf16): fp32 there.
         DOT_DTYPE=tl.float32 if x.device.type == "cpu" else tl.bfloat16,
+        WRITE_PARTIAL=splits > 1,
     )
+    if splits > 1:
+        block = 1024
+        _reduce_splits_kernel[(triton.cdiv(m * n, block),)](
+            partial, alpha, bias_arg, out, m, n, splits, HAS_BIAS=bias is not None, BLOCK=block
+        )
     return out.reshape(*lead, n)

@@ -1,23 +1,35 @@
 """Activation quantization kernel: x (M, K) -> packed e2m1 (M, K/2) + scale bytes (M, K/G).
 
 One pass over x, bit-for-bit the ``spec`` rule of ``formats`` (MXFP4 and NVFP4). The NVFP4
-global scale is a device tensor (static, or the reference's dynamic ``amax / (6 * 448)``
-computed on the device before the kernel): no host sync, CUDA-graph safe.
+global scale is a device tensor: static, or dynamic, ``amax * (1 / (6 * 448))`` over the finite
+values, from an amax kernel (atomic max over programs) whose result the quantize kernel reads
+from device memory. No host sync, CUDA-graph safe.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from ...formats import nvfp4_global_scale
 from ...formats.spec import MXFP4, get_format
 from .codecs import e4m3_value, e8m0_value, encode_e2m1, encode_e4m3
 
 
 @triton.jit
+def _finite_amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """amax_ptr (zeroed) <- max |x| over the finite values of x (M, K); order-independent, exact."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    magnitude = tl.abs(tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+    finite = tl.where(magnitude - magnitude == 0, magnitude, 0.0)
+    tl.atomic_max(amax_ptr, tl.max(tl.max(finite, axis=1), axis=0))
+
+
+@triton.jit
 def _quantize_kernel(
-    x_ptr, packed_ptr, scales_ptr, gs_ptr, M, K, stride_xm,
-    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
+    x_ptr, packed_ptr, scales_ptr, gs_ptr, amax_ptr, M, K, stride_xm,
+    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, GS_FROM_AMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
 ):
     BLOCK_K: tl.constexpr = GROUP * GROUPS_PER_PROGRAM
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -34,7 +46,13 @@ def _quantize_kernel(
         scale = tl.where(poisoned, 0xFF, scale)
         divisor = e8m0_value(scale)
     else:
-        gs = tl.load(gs_ptr)
+        if GS_FROM_AMAX:
+            gs = tl.load(amax_ptr) * (1.0 / (6.0 * 448.0))  # as formats.nvfp4_global_scale
+            gs = tl.where(gs > 0, gs, 1.0)
+            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+                tl.store(gs_ptr, gs)
+        else:
+            gs = tl.load(gs_ptr)
         scale = encode_e4m3(tl.math.div_rn(amax, 6.0 * gs))
         scale = tl.where(poisoned, 0x7F, scale)
         divisor = e4m3_value(scale) * gs
@@ -66,17 +84,23 @@ def fp4_quantize(
     m = rows.shape[0]
     packed = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
     scales = torch.empty((m, k // spec.group_size), dtype=torch.uint8, device=x.device)
-    if spec is MXFP4:
-        gs = torch.ones((), dtype=torch.float32, device=x.device)
-    elif global_scale is None:
-        gs = nvfp4_global_scale(x)
-    else:
-        gs = global_scale.reshape(()).clone()
     groups_per_program = min(128 // spec.group_size, triton.next_power_of_2(k // spec.group_size))
     block_m = 16
     grid = (triton.cdiv(m, block_m), triton.cdiv(k // spec.group_size, groups_per_program))
+    dynamic = spec is not MXFP4 and global_scale is None
+    if spec is MXFP4:
+        gs = torch.ones((), dtype=torch.float32, device=x.device)
+    elif dynamic:
+        gs = torch.empty((), dtype=torch.float32, device=x.device)
+    else:
+        gs = global_scale.reshape(()).clone()
+    amax = torch.zeros((), dtype=torch.float32, device=x.device) if dynamic else gs
+    if dynamic:
+        block_k = groups_per_program * spec.group_size
+        _finite_amax_kernel[grid](rows, amax, m, k, rows.stride(0), BLOCK_M=block_m, BLOCK_K=block_k)
     _quantize_kernel[grid](
-        rows, packed, scales, gs, m, k, rows.stride(0),
-        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, BLOCK_M=block_m, GROUPS_PER_PROGRAM=groups_per_program,
+        rows, packed, scales, gs, amax, m, k, rows.stride(0),
+        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, GS_FROM_AMAX=dynamic,
+        BLOCK_M=block_m, GROUPS_PER_PROGRAM=groups_per_program,
     )
     return packed.reshape(*lead, k // 2), scales.reshape(*lead, k // spec.group_size), gs
