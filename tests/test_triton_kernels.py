@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fp4compile.formats import dequantize, quantize
+from fp4compile.formats import dequantize, get_format, quantize
+from fp4compile.formats.blocks import dequantize_blocks
 
 triton_kernels = pytest.importorskip("fp4compile.kernels.triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -36,10 +37,16 @@ def activations(m: int, k: int, generator: torch.Generator, dtype=torch.bfloat16
 
 
 def check_quantize(x: torch.Tensor, fmt: str, global_scale=None) -> None:
+    """Codes, scales and global scale bit for bit; the fused quantize+decode variant exactly."""
     packed, scales, gs = triton_kernels.fp4_quantize(x, fmt, global_scale)
     q = quantize(x, fmt, global_scale=global_scale)
     assert torch.equal(packed, q.packed)
     assert torch.equal(scales, q.scales)
+    assert torch.equal(gs, q.global_scale)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16  # bf16 holds the products exactly
+    values, gs = triton_kernels.fp4_fake_quantize(x.reshape(-1, x.shape[-1]), fmt, global_scale, dtype)
+    expected = dequantize_blocks(q.packed, q.scales, get_format(fmt)).reshape(values.shape)
+    torch.testing.assert_close(values.float(), expected, rtol=0, atol=0, equal_nan=True)
     assert torch.equal(gs, q.global_scale)
 
 

@@ -1,9 +1,10 @@
 """fp4 linear kernel: y = alpha * (a @ w.T) + bias with an fp4 weight, W4A16 or W4A4.
 
-Hopper has no fp4 tensor cores: weight tiles (and, in W4A4, activation tiles) are decoded in
-registers to bf16, which holds every ``e2m1 * block_scale`` product exactly (MXFP4: 2 significant
-bits times a power of two; NVFP4: 2 times 4 bits), and multiplied on bf16 tensor cores with
-float32 accumulation. ``alpha`` (``gs_activation * gs_weight``) is read from device memory in the
+Hopper has no fp4 tensor cores: weight tiles are decoded in registers to bf16, which holds every
+``e2m1 * block_scale`` product exactly (MXFP4: 2 significant bits times a power of two; NVFP4: 2
+times 4 bits), and multiplied on bf16 tensor cores with float32 accumulation. In W4A4 the
+activation is quantized and decoded once, by ``fp4_fake_quantize`` (the same exact products),
+before the GEMM. For decode-sized M the K loop is split over programs to fill the GPU. ``alpha`` (``gs_activation * gs_weight``) is read from device memory in the
 epilogue, where the bias is added. In W4A16 the activation tile is rounded to bf16.
 Under the interpreter (CPU) the tiles are float32 instead (see ``DOT_DTYPE``).
 """
@@ -14,7 +15,7 @@ import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
 from .codecs import decode_e2m1, e4m3_value, e8m0_value
-from .quantize import fp4_quantize
+from .quantize import fp4_fake_quantize
 
 
 @triton.jit
@@ -39,9 +40,9 @@ def _decode_tile(packed_ptr, scales_ptr, rows, k0, n_rows, K, GROUP: tl.constexp
 
 @triton.jit
 def _linear_kernel(
-    x_ptr, a_packed_ptr, a_scales_ptr, w_packed_ptr, w_scales_ptr, alpha_ptr, bias_ptr, out_ptr,
+    x_ptr, w_packed_ptr, w_scales_ptr, alpha_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, K_PER_SPLIT,
-    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, ACT_FP4: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
     WRITE_PARTIAL: tl.constexpr,
 ):
@@ -53,12 +54,9 @@ def _linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
         w = _decode_tile(w_packed_ptr, w_scales_ptr, cols, k0, N, K, GROUP, IS_MXFP4, BLOCK_N, BLOCK_K, DOT_DTYPE)
-        if ACT_FP4:
-            a = _decode_tile(a_packed_ptr, a_scales_ptr, rows, k0, M, K, GROUP, IS_MXFP4, BLOCK_M, BLOCK_K, DOT_DTYPE)
-        else:
-            ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
-                        mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(DOT_DTYPE)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
+                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(DOT_DTYPE)
         acc += tl.dot(a, tl.trans(w))
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     if WRITE_PARTIAL:
@@ -116,11 +114,11 @@ def fp4_linear(
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     m = rows.shape[0]
+    dot_dtype = torch.float32 if x.device.type == "cpu" else torch.bfloat16
     if act_mode == "fp4":
-        a_packed, a_scales, a_gs = fp4_quantize(rows, fmt, act_global_scale)
+        rows, a_gs = fp4_fake_quantize(rows, fmt, act_global_scale, dot_dtype)
         alpha = a_gs * w_global_scale.reshape(())
     else:
-        a_packed = a_scales = rows  # unused
         alpha = w_global_scale.reshape(()).float()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m = 16 if m <= 16 else (64 if m <= 128 else 128)
@@ -134,12 +132,12 @@ def fp4_linear(
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
     bias_arg = bias if bias is not None else rows  # never read without HAS_BIAS
     _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
-        rows, a_packed, a_scales, w_packed, w_scales, alpha, bias_arg, partial,
+        rows, w_packed, w_scales, alpha, bias_arg, partial,
         m, n, k, rows.stride(0), k_per_split,
-        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, ACT_FP4=act_mode == "fp4", HAS_BIAS=bias is not None,
+        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         # The interpreter (CPU CI) computes bf16 dots wrongly (numpy has no bf16): fp32 there.
-        DOT_DTYPE=tl.float32 if x.device.type == "cpu" else tl.bfloat16,
+        DOT_DTYPE=tl.float32 if dot_dtype is torch.float32 else tl.bfloat16,
         WRITE_PARTIAL=splits > 1,
     )
     if splits > 1:

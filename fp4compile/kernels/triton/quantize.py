@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
-from .codecs import e4m3_value, e8m0_value, encode_e2m1, encode_e4m3
+from .codecs import decode_e2m1, e4m3_value, e8m0_value, encode_e2m1, encode_e4m3
 
 
 @triton.jit
@@ -27,10 +27,12 @@ def _finite_amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, packed_ptr, scales_ptr, gs_ptr, amax_ptr, M, K, stride_xm,
-    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, GS_FROM_AMAX: tl.constexpr,
+    x_ptr, packed_ptr, scales_ptr, values_ptr, gs_ptr, amax_ptr, M, K, stride_xm,
+    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, GS_FROM_AMAX: tl.constexpr, WRITE_VALUES: tl.constexpr,
     BLOCK_M: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
 ):
+    """Quantize a (BLOCK_M, GROUPS_PER_PROGRAM * GROUP) tile. WRITE_VALUES stores the decoded
+    ``e2m1 * block_scale`` values (no global scale) to ``values_ptr`` instead of codes and scales."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS_PER_PROGRAM
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -45,6 +47,7 @@ def _quantize_kernel(
         scale = tl.minimum(tl.maximum(exponent_field - 127 - 2, -127), 127) + 127  # floor(log2 amax) - 2
         scale = tl.where(poisoned, 0xFF, scale)
         divisor = e8m0_value(scale)
+        block_value = divisor
     else:
         if GS_FROM_AMAX:
             gs = tl.load(amax_ptr) * (1.0 / (6.0 * 448.0))  # as formats.nvfp4_global_scale
@@ -55,9 +58,14 @@ def _quantize_kernel(
             gs = tl.load(gs_ptr)
         scale = encode_e4m3(tl.math.div_rn(amax, 6.0 * gs))
         scale = tl.where(poisoned, 0x7F, scale)
-        divisor = e4m3_value(scale) * gs
+        block_value = e4m3_value(scale)
+        divisor = block_value * gs
     divisor = divisor[:, :, None]
     scaled = tl.where(divisor == 0, 0.0, tl.math.div_rn(blocks, divisor))
+    if WRITE_VALUES:
+        values = tl.reshape(decode_e2m1(encode_e2m1(scaled)) * block_value[:, :, None], (BLOCK_M, BLOCK_K))
+        tl.store(values_ptr + rows[:, None] * K + cols[None, :], values.to(values_ptr.dtype.element_ty), mask=mask)
+        return
     codes = tl.reshape(encode_e2m1(scaled), (BLOCK_M, BLOCK_K // 2, 2))
     low, high = tl.split(codes)
     packed = (low | (high << 4)).to(tl.uint8)
@@ -69,21 +77,22 @@ def _quantize_kernel(
              mask=(rows[:, None] < M) & (group_cols[None, :] < K // GROUP))
 
 
-def fp4_quantize(
-    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton version of ``fp4::quantize`` (spec scale rule): same outputs, same bits.
-
-    x: (..., K) float32/float16/bfloat16, K a multiple of the group size (validated by the op).
-    """
+def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values_dtype: torch.dtype | None):
+    """Run the kernels on x viewed as (M, K); returns (packed, scales, values, global scale)."""
     spec = get_format(fmt)
-    *lead, k = x.shape
+    k = x.shape[-1]
     rows = x.reshape(-1, k)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     m = rows.shape[0]
-    packed = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
-    scales = torch.empty((m, k // spec.group_size), dtype=torch.uint8, device=x.device)
+    write_values = values_dtype is not None
+    if write_values:
+        values = torch.empty((m, k), dtype=values_dtype, device=x.device)
+        packed = scales = values  # not written
+    else:
+        packed = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
+        scales = torch.empty((m, k // spec.group_size), dtype=torch.uint8, device=x.device)
+        values = packed  # not written
     groups_per_program = min(128 // spec.group_size, triton.next_power_of_2(k // spec.group_size))
     block_m = 16
     grid = (triton.cdiv(m, block_m), triton.cdiv(k // spec.group_size, groups_per_program))
@@ -99,8 +108,31 @@ def fp4_quantize(
         block_k = groups_per_program * spec.group_size
         _finite_amax_kernel[grid](rows, amax, m, k, rows.stride(0), BLOCK_M=block_m, BLOCK_K=block_k)
     _quantize_kernel[grid](
-        rows, packed, scales, gs, amax, m, k, rows.stride(0),
-        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, GS_FROM_AMAX=dynamic,
+        rows, packed, scales, values, gs, amax, m, k, rows.stride(0),
+        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, GS_FROM_AMAX=dynamic, WRITE_VALUES=write_values,
         BLOCK_M=block_m, GROUPS_PER_PROGRAM=groups_per_program,
     )
-    return packed.reshape(*lead, k // 2), scales.reshape(*lead, k // spec.group_size), gs
+    return packed, scales, values, gs
+
+
+def fp4_quantize(
+    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton version of ``fp4::quantize`` (spec scale rule): same outputs, same bits.
+
+    x: (..., K) float32/float16/bfloat16, K a multiple of the group size (validated by the op).
+    """
+    *lead, k = x.shape
+    group = get_format(fmt).group_size
+    packed, scales, _, gs = _launch(x, fmt, global_scale, values_dtype=None)
+    return packed.reshape(*lead, k // 2), scales.reshape(*lead, k // group), gs
+
+
+def fp4_fake_quantize(
+    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) quantized and decoded in one pass: ``e2m1 * block_scale`` as ``dtype`` (M, K),
+    and the global scale. bf16 holds these products exactly, so a GEMM on them equals one on the
+    codes; W4A4 GEMMs use this so that activations are decoded once, not once per weight tile."""
+    _, _, values, gs = _launch(x, fmt, global_scale, values_dtype=dtype)
+    return values, gs
