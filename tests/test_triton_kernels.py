@@ -81,7 +81,7 @@ def test_quantize_kernel_static_global_scale_and_input_dtypes(rng: torch.Generat
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("act_mode", ["none", "fp4"])
-@pytest.mark.parametrize(("m", "k"), [(1, 64), (3, 160), (5, 96), (33, 160)])
+@pytest.mark.parametrize(("m", "k"), [(1, 64), (5, 96), (33, 160)])
 def test_linear_kernel_at_small_odd_sizes(fmt: str, act_mode: str, m: int, k: int, rng: torch.Generator):
     check_linear(m, 48, k, fmt, act_mode, rng, bias=m != 5)
 
@@ -104,7 +104,7 @@ def test_quantize_kernel_on_gpu_at_real_sizes(fmt: str, m: int, rng: torch.Gener
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("act_mode", ["none", "fp4"])
-@pytest.mark.parametrize("m", [1, 3, 5, 16, 127, 129, 4096])
+@pytest.mark.parametrize("m", [1, 5, 16, 127, 129, 4096])
 def test_linear_kernel_on_gpu_at_real_sizes(fmt: str, act_mode: str, m: int, rng: torch.Generator):
     for model, layers in SHAPES.items():
         n, k = layers["o"] if m == 4096 else layers["qkv"]  # keep the large-M cases affordable

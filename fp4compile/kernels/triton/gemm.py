@@ -58,38 +58,9 @@ def _linear_kernel(
         a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
                     mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(DOT_DTYPE)
         acc += tl.dot(a, tl.trans(w))
-    _store_tile(acc, rows, cols, tl.program_id(2), alpha_ptr, bias_ptr, out_ptr, M, N, HAS_BIAS, WRITE_PARTIAL)
-
-
-@triton.jit
-def _gemv_kernel(
-    x_ptr, w_packed_ptr, w_scales_ptr, alpha_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, K_PER_SPLIT,
-    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
-):
-    """For M <= BLOCK_M <= 4 rows: float32 multiply-adds instead of a 16-row tensor-core tile
-    (no padding rows, no shuffle of the decoded tile into the MMA operand layout)."""
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = tl.program_id(1) * K_PER_SPLIT
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
-        w = _decode_tile(w_packed_ptr, w_scales_ptr, cols, k0, N, K, GROUP, IS_MXFP4, BLOCK_N, BLOCK_K, tl.float32)
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    _store_tile(acc, rows, cols, tl.program_id(1), alpha_ptr, bias_ptr, out_ptr, M, N, HAS_BIAS, WRITE_PARTIAL)
-
-
-@triton.jit
-def _store_tile(acc, rows, cols, split, alpha_ptr, bias_ptr, out_ptr, M, N,
-                HAS_BIAS: tl.constexpr, WRITE_PARTIAL: tl.constexpr):
-    """Write a float32 tile: as split ``split``'s partial sum, or finished (alpha, bias, cast)."""
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     if WRITE_PARTIAL:
-        tl.store(out_ptr + split * M * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
+        tl.store(out_ptr + tl.program_id(2) * M * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
     else:
         acc = acc * tl.load(alpha_ptr)
         if HAS_BIAS:
@@ -110,10 +81,6 @@ def _reduce_splits_kernel(partial_ptr, alpha_ptr, bias_ptr, out_ptr, M, N, SPLIT
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-GEMV_MAX_M = 4
-"""Up to this many rows the GEMV kernel (float32 FMAs) runs instead of the tensor-core tile."""
 
 
 def _programs_wanted(device: torch.device) -> int:
@@ -154,9 +121,8 @@ def fp4_linear(
     else:
         alpha = w_global_scale.reshape(()).float()
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    gemv = m <= GEMV_MAX_M
-    block_m = triton.next_power_of_2(m) if gemv else (16 if m <= 16 else (64 if m <= 128 else 128))
-    block_n = 32 if gemv else (64 if m <= 128 else 128)
+    block_m = 16 if m <= 16 else (64 if m <= 128 else 128)
+    block_n = 64 if m <= 128 else 128
     block_k = _block_k(k, spec.group_size)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     # Split K when the output tiles alone cannot fill the GPU (decode-sized M).
@@ -165,18 +131,15 @@ def fp4_linear(
     splits = triton.cdiv(k, k_per_split)
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
     bias_arg = bias if bias is not None else rows  # never read without HAS_BIAS
-    common = dict(GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, WRITE_PARTIAL=splits > 1)
-    if gemv:
-        _gemv_kernel[(triton.cdiv(n, block_n), splits)](
-            rows, w_packed, w_scales, alpha, bias_arg, partial, m, n, k, rows.stride(0), k_per_split, **common
-        )
-    else:
-        _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
-            rows, w_packed, w_scales, alpha, bias_arg, partial, m, n, k, rows.stride(0), k_per_split,
-            # The interpreter (CPU CI) computes bf16 dots wrongly (numpy has no bf16): fp32 there.
-            DOT_DTYPE=tl.float32 if dot_dtype is torch.float32 else tl.bfloat16, **common,
-        )
+    _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
+        rows, w_packed, w_scales, alpha, bias_arg, partial,
+        m, n, k, rows.stride(0), k_per_split,
+        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        # The interpreter (CPU CI) computes bf16 dots wrongly (numpy has no bf16): fp32 there.
+        DOT_DTYPE=tl.float32 if dot_dtype is torch.float32 else tl.bfloat16,
+        WRITE_PARTIAL=splits > 1,
+    )
     if splits > 1:
         block = 1024
         _reduce_splits_kernel[(triton.cdiv(m * n, block),)](
