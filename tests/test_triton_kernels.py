@@ -11,6 +11,11 @@ from fp4compile.formats import dequantize, get_format, quantize
 from fp4compile.formats.blocks import dequantize_blocks
 
 triton_kernels = pytest.importorskip("fp4compile.kernels.triton")
+import triton  # noqa: E402  (present whenever the kernels import)
+import triton.language as tl  # noqa: E402
+
+from fp4compile.formats import MXFP4, NVFP4, decode_e2m1  # noqa: E402
+from fp4compile.kernels.triton import codecs  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ("mxfp4", "nvfp4")
 SHAPES = json.loads((Path(__file__).parents[1] / "benchmarks" / "shapes.json").read_text())["linear"]
@@ -81,7 +86,7 @@ def test_quantize_kernel_static_global_scale_and_input_dtypes(rng: torch.Generat
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("act_mode", ["none", "fp4"])
-@pytest.mark.parametrize(("m", "k"), [(1, 64), (5, 96), (33, 160)])
+@pytest.mark.parametrize(("m", "k"), [(1, 64), (3, 160), (5, 96), (33, 160)])
 def test_linear_kernel_at_small_odd_sizes(fmt: str, act_mode: str, m: int, k: int, rng: torch.Generator):
     check_linear(m, 48, k, fmt, act_mode, rng, bias=m != 5)
 
@@ -125,3 +130,24 @@ def test_cuda_ops_run_the_kernels_without_host_syncs(act_mode: str):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(y, expected)
+
+
+@triton.jit
+def _decode_everything(e2m1_out, e8m0_out, e4m3_out):
+    codes = tl.arange(0, 16)
+    tl.store(e2m1_out + codes, codecs.decode_e2m1(codes))
+    scale_bytes = tl.arange(0, 256)
+    tl.store(e8m0_out + scale_bytes, codecs.e8m0_value(scale_bytes))
+    tl.store(e4m3_out + tl.arange(0, 128), codecs.e4m3_value(tl.arange(0, 128)))
+
+
+def test_device_codecs_decode_every_code_and_scale_byte():
+    outputs = [torch.empty(n, device=DEVICE) for n in (16, 256, 128)]
+    _decode_everything[(1,)](*outputs)
+    all_bytes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    expected_e8m0 = MXFP4.decode_scales(all_bytes)
+    expected_e8m0[255] = float("inf")  # the divisor of a NaN block (see codecs.e8m0_value)
+    expected = (decode_e2m1(all_bytes[:16]), expected_e8m0, NVFP4.decode_scales(all_bytes[:128]))
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
+    assert torch.signbit(outputs[0][8])  # code 8 is -0

@@ -23,12 +23,14 @@ def encode_e2m1(v):
 
 @triton.jit
 def decode_e2m1(code):
-    """e2m1 codes (int32 0..15) -> fp32 values."""
-    exponent = (code >> 1) & 3
-    mantissa = (code & 1).to(tl.float32)
-    normal = ((exponent + 126) << 23).to(tl.float32, bitcast=True) * (1.0 + 0.5 * mantissa)
-    magnitude = tl.where(exponent == 0, 0.5 * mantissa, normal)
-    return tl.where(code >= 8, -magnitude, magnitude)
+    """e2m1 codes (int32 0..15) -> fp32 values.
+
+    The code's sign, 2 exponent and 1 mantissa bits dropped into an fp16 (sign at bit 15,
+    exponent and mantissa at bits 10..9) make 2**-14 times the e2m1 value, subnormal 0.5 included:
+    a few integer operations per element instead of a table or branches.
+    """
+    half_bits = ((code & 8) << 12) | ((code & 7) << 9)
+    return half_bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
 
 
 @triton.jit
