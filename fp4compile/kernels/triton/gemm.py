@@ -9,6 +9,8 @@ epilogue, where the bias is added. In W4A16 the activation tile is rounded to bf
 Under the interpreter (CPU) the tiles are float32 instead (see ``DOT_DTYPE``).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -83,6 +85,7 @@ def _reduce_splits_kernel(partial_ptr, alpha_ptr, bias_ptr, out_ptr, M, N, SPLIT
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@functools.cache
 def _programs_wanted(device: torch.device) -> int:
     """About two programs per multiprocessor keep a memory-bound GEMV busy (4 in the interpreter,
     which exercises the split path on small shapes)."""
