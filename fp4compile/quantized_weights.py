@@ -63,9 +63,15 @@ def quantize_once(
         q = quantize(matrix, fmt, scale_rule=scale_rule)
     stored = StoredWeight(q, scale_rule, transposed, weight.numel() * weight.element_size())
     _STORE[weight] = stored
-    if release:
+    if release and owns_its_storage(weight):
         release_storage(weight)
     return stored
+
+
+def owns_its_storage(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is all of its storage: a view into a shared buffer (a fused checkpoint
+    split into views, a flat-parameter loader) must not free the other views' values."""
+    return weight.storage_offset() == 0 and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
 
 
 def _describe(fmt: str, scale_rule: str, transposed: bool) -> str:

@@ -55,7 +55,8 @@ def test_report_lists_quantized_and_kept_layers():
     with torch.no_grad():
         torch.compile(model, backend="fp4")(torch.randint(0, 256, (1, 4)))
     text = fp4compile.report(model)
-    assert "model.layers.1.mlp.down_proj" in text and "128x64" not in text.split("down_proj")[0][-60:]
+    down_proj_line = next(line for line in text.splitlines() if line.startswith("model.layers.1.mlp.down_proj"))
+    assert "64x128" in down_proj_line and "nvfp4" in down_proj_line  # (out, in) = (hidden 64, MLP 128)
     assert "lm_head" in text and "kept by default ('lm_head'" in text
     assert f"{len(LLAMA_LINEARS)} layer(s) quantized" in text and "1 kept in their original dtype" in text
     assert text.count("torch (reference)") == len(LLAMA_LINEARS)
@@ -314,3 +315,50 @@ def test_compiling_logs_a_summary_at_info(caplog: pytest.LogCaptureFixture):
         torch.compile(model, backend="fp4")(torch.randn(1, 32))
     assert "fp4compile: 2 layer(s) quantized" in caplog.text
     assert "in_features=40 is not a multiple of the nvfp4 group size 16" in caplog.text
+
+
+def test_weights_that_share_a_storage_are_not_released():
+    """Views into one buffer (a fused checkpoint split into views): freeing one would free all."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32, bias=False), nn.Linear(32, 32, bias=False))
+    buffer = torch.randn(64, 32)
+    model[0].weight, model[1].weight = nn.Parameter(buffer[:32]), nn.Parameter(buffer[32:])
+    x = torch.randn(3, 32)
+    expected = fake_quant_copy(model, Fp4Config(), ["0", "1"])(x)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="fp4")
+        assert relative(compiled(x), expected) < 1e-5
+        assert relative(compiled(x), expected) < 1e-5
+    assert buffer.untyped_storage().nbytes() == 64 * 32 * 4
+
+
+def test_keeping_a_released_weight_in_a_later_compile_raises_clearly():
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    with torch.no_grad():
+        torch.compile(model, backend="fp4")(torch.randn(1, 32))
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="2 is now kept in its original dtype .* release_weights=False"):
+            torch.compile(model, backend="fp4", options={"exclude": ["2"]})(torch.randn(1, 32))
+
+
+def test_module_names_that_flatten_alike_keep_their_own_weights():
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.mlp = nn.Module()
+    model.mlp.fc_1 = nn.Linear(32, 32)
+    model.mlp_fc = nn.ModuleList([nn.Identity(), nn.Linear(32, 32)])
+    model.forward = lambda x: model.mlp.fc_1(x) + 2 * model.mlp_fc[1](x)
+    x = torch.randn(3, 32)
+    reference = fake_quant_copy(model, Fp4Config(), ["mlp.fc_1", "mlp_fc.1"])
+    expected = reference.mlp.fc_1(x) + 2 * reference.mlp_fc[1](x)
+    with torch.no_grad():
+        y = torch.compile(model.forward, backend="fp4")(x)
+    assert relative(y, expected) < 1e-5
+
+
+@pytest.mark.parametrize("config", [Fp4Config(), Fp4Config(act_mode="fp4")])
+def test_an_empty_batch(config: Fp4Config):
+    model = nn.Linear(32, 16)
+    with torch.no_grad():
+        y = torch.compile(model, backend=fp4compile.backend(config))(torch.randn(0, 32))
+    assert y.shape == (0, 16)

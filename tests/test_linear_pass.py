@@ -56,6 +56,29 @@ def test_every_matmul_form_on_a_weight_is_replaced():
     assert torch.allclose(scaled, torch.addmm(model.b, x, model.w_scaled, beta=0.5))
 
 
+def test_linear_with_keyword_arguments_and_addmm_adding_a_matrix():
+    class Forms(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(32, 64) / 8)
+            self.w_kn = nn.Parameter(torch.randn(64, 32) / 8)
+
+        def forward(self, x, residual):
+            keyword = torch.nn.functional.linear(x, weight=self.w, bias=None)
+            residual_add = torch.addmm(residual, x, self.w_kn)  # adds a matrix: not a bias
+            return keyword, residual_add
+
+    torch.manual_seed(0)
+    model, x, residual = Forms(), torch.randn(5, 64), torch.randn(5, 32)
+    w_hat = fp4compile.dequantize(fp4compile.quantize(model.w.detach(), "nvfp4", scale_rule="optimal"))
+    capture = GraphCapture()
+    with torch.no_grad():
+        keyword, residual_add = torch.compile(model, backend=Fp4Backend(Fp4Config(), capture))(x, residual)
+    assert capture.count(FP4_LINEAR) == 1
+    assert relative(keyword, x @ w_hat.t()) < 1e-5
+    assert torch.allclose(residual_add, torch.addmm(residual, x, model.w_kn))
+
+
 def test_a_weight_read_outside_linear_layers_is_kept():
     class Tied(nn.Module):
         def __init__(self):

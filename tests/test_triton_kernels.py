@@ -151,3 +151,14 @@ def test_device_codecs_decode_every_code_and_scale_byte():
     for got, want in zip(outputs, expected):
         torch.testing.assert_close(got.cpu(), want, rtol=0, atol=0, equal_nan=True)
     assert torch.signbit(outputs[0][8])  # code 8 is -0
+
+
+def test_kernels_accept_an_empty_batch_and_refuse_32_bit_offset_overflow():
+    w = quantize(torch.randn(48, 64).to(DEVICE), "nvfp4")
+    empty = torch.empty(0, 64, device=DEVICE)
+    assert triton_kernels.fp4_linear(empty, w.packed, w.scales, w.global_scale, None, None, "nvfp4", "fp4").shape == (0, 48)
+    packed, scales, gs = triton_kernels.fp4_quantize(empty, "nvfp4")
+    assert packed.shape == (0, 32) and scales.shape == (0, 4) and gs.item() == 1.0
+    with pytest.raises(ValueError, match="exceed the Triton kernels' 32-bit offsets"):
+        codecs.check_offsets(75_000, 28_672)
+    codecs.check_offsets(65_536, 28_672)  # 1.9e9 elements: fits

@@ -96,7 +96,7 @@ def dequantize_blocks(packed: torch.Tensor, scales: torch.Tensor, fmt: Fp4Format
     GEMMs work on these and apply the global scales once, as ``alpha``, to the product.
     """
     codes = unpack_e2m1(packed)
-    codes = codes.reshape(*codes.shape[:-1], -1, fmt.group_size)
+    codes = codes.reshape(*codes.shape[:-1], codes.shape[-1] // fmt.group_size, fmt.group_size)
     return decode_blocks(codes, fmt.decode_scales(scales)).flatten(-2)
 
 

@@ -46,8 +46,9 @@ def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
 
     NaN and infinities are left out of the amax (they poison only their own block).
     """
-    magnitude = x.detach().abs().float()
-    amax = torch.where(torch.isfinite(magnitude), magnitude, 0.0).amax()
+    magnitude = x.detach().abs().float().flatten()
+    finite = torch.where(torch.isfinite(magnitude), magnitude, 0.0)
+    amax = torch.cat([finite, finite.new_zeros(1)]).amax()  # an empty tensor has amax 0
     # Multiplying by the rounded reciprocal, not dividing: CUDA divides a tensor by a Python scalar
     # that way, so this is the formula that gives the same bits on every device.
     scale = amax * (1.0 / (E2M1_MAX * E4M3_MAX))

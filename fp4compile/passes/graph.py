@@ -77,10 +77,14 @@ class DynamoGraph:
         """
         from torch._dynamo.source import ConstantSource
 
-        attr = re.sub(r"\W", "_", name)
-        if not hasattr(self.gm, attr):
-            self.gm.register_buffer(attr, tensor)
-            sources = getattr(self.gm, "_param_name_to_source", None)
-            if sources is not None:
-                sources[attr] = ConstantSource(attr)
+        base = attr = re.sub(r"\W", "_", name)
+        suffix = 1
+        while hasattr(self.gm, attr):
+            if getattr(self.gm, attr) is tensor:
+                return attr  # the same weight used again in this graph
+            attr, suffix = f"{base}_{suffix}", suffix + 1  # another name that maps to the same attribute
+        self.gm.register_buffer(attr, tensor)
+        sources = getattr(self.gm, "_param_name_to_source", None)
+        if sources is not None:
+            sources[attr] = ConstantSource(attr)
         return attr

@@ -43,6 +43,12 @@ class LinearPass:
         name = path.removesuffix(".weight")
         shape = tuple(weight.shape[::-1] if site.transposed else weight.shape)
         reason = _ineligible(weight, shape, site, name, config)
+        if reason is not None and quantized_weights.is_released(weight):
+            raise RuntimeError(
+                f"fp4compile: {name} is now kept in its original dtype ({reason}), but an earlier compile "
+                f"quantized it and released its original values. Rebuild the model, or compile with "
+                f"release_weights=False to change which layers are quantized."
+            )
         if reason is not None:
             result.skip(reason)
             record_layer(weight, LayerRecord(name, shape, _nbytes(weight), _nbytes(weight), skipped=reason))

@@ -39,7 +39,7 @@ def match_linear(node: fx.Node) -> LinearSite | str | None:
     """The linear site computed by ``node``; None if it is no matmul; a reason if it is a matmul
     that fp4::linear cannot take over (e.g. ``addmm`` with ``beta`` or ``alpha``)."""
     if node.op == "call_function" and node.target in LINEAR_FUNCTIONS:
-        x, weight, bias = (list(node.args) + [node.kwargs.get("bias")])[:3]
+        x, weight, bias = _linear_arguments(node)
         if not isinstance(weight, fx.Node) or weight.op != "placeholder":
             return "weight is computed in the graph, not a module parameter"
         return LinearSite(node, x, weight, bias, transposed=False, transpose_node=None)
@@ -47,6 +47,8 @@ def match_linear(node: fx.Node) -> LinearSite | str | None:
         if set(node.kwargs) - {"input", "mat1", "mat2"} or len(node.args) != 3:
             return "addmm with beta/alpha scaling"
         bias, x, right = node.args
+        if _rank(bias) != 1:
+            return "addmm adds a matrix, not a bias vector"
     elif (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
         node.op == "call_method" and node.target in MATMUL_METHODS
     ):
@@ -63,6 +65,19 @@ def match_linear(node: fx.Node) -> LinearSite | str | None:
     if source is None:
         return None  # a matmul of two activations (attention scores, ...)
     return LinearSite(node, x, source, bias, transposed=False, transpose_node=right)
+
+
+def _linear_arguments(node: fx.Node) -> tuple:
+    """(input, weight, bias) of an ``F.linear`` call, positional or by keyword."""
+    names = ("input", "weight", "bias")
+    values = list(node.args) + [None] * (3 - len(node.args))
+    return tuple(node.kwargs.get(name, value) for name, value in zip(names, values))
+
+
+def _rank(node: object) -> int | None:
+    """The number of dimensions of a traced tensor argument (None if unknown)."""
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
 
 
 def _transposed_placeholder(node: fx.Node) -> fx.Node | None:

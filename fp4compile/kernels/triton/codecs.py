@@ -7,6 +7,18 @@ Written with integer and float arithmetic rather than Triton's float8 casts: the
 import triton
 import triton.language as tl
 
+INT32_OFFSET_LIMIT = 2**31
+"""The kernels index with 32-bit offsets (row * row_length); larger tensors are refused."""
+
+
+def check_offsets(rows: int, row_length: int) -> None:
+    """Raise rather than let a 32-bit element offset wrap around (which would read wrong memory)."""
+    if rows * row_length >= INT32_OFFSET_LIMIT:
+        raise ValueError(
+            f"{rows} rows of {row_length} elements exceed the Triton kernels' 32-bit offsets; "
+            f"split the batch into chunks of fewer than {INT32_OFFSET_LIMIT // row_length} rows"
+        )
+
 
 @triton.jit
 def encode_e2m1(v):

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
-from .codecs import decode_e2m1, e4m3_value, e8m0_value
+from .codecs import check_offsets, decode_e2m1, e4m3_value, e8m0_value
 from .quantize import fp4_fake_quantize
 
 
@@ -117,6 +117,10 @@ def fp4_linear(
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     m = rows.shape[0]
+    check_offsets(m, max(k, n, rows.stride(0)))
+    check_offsets(n, k)
+    if m == 0:
+        return x.new_empty((*lead, n))
     dot_dtype = torch.float32 if x.device.type == "cpu" else torch.bfloat16
     if act_mode == "fp4":
         rows, a_gs = fp4_fake_quantize(rows, fmt, act_global_scale, dot_dtype)

@@ -1,9 +1,9 @@
 """Activation quantization kernel: x (M, K) -> packed e2m1 (M, K/2) + scale bytes (M, K/G).
 
-One pass over x, bit-for-bit the ``spec`` rule of ``formats`` (MXFP4 and NVFP4). The NVFP4
-global scale is a device tensor: static, or dynamic, ``amax * (1 / (6 * 448))`` over the finite
-values, from an amax kernel (atomic max over programs) whose result the quantize kernel reads
-from device memory. No host sync, CUDA-graph safe.
+Bit-for-bit the ``spec`` rule of ``formats`` (MXFP4 and NVFP4), in one pass over x for MXFP4 and
+static-scale NVFP4. A dynamic NVFP4 global scale, ``amax * (1 / (6 * 448))`` over the finite
+values, takes a second pass: an amax kernel (atomic max over programs) whose result the quantize
+kernel reads from device memory. No host sync, CUDA-graph safe.
 """
 
 import torch
@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
-from .codecs import decode_e2m1, e4m3_value, e8m0_value, encode_e2m1, encode_e4m3
+from .codecs import check_offsets, decode_e2m1, e4m3_value, e8m0_value, encode_e2m1, encode_e4m3
 
 
 @triton.jit
@@ -85,6 +85,7 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     m = rows.shape[0]
+    check_offsets(m, max(k, rows.stride(0)))
     write_values = values_dtype is not None
     if write_values:
         values = torch.empty((m, k), dtype=values_dtype, device=x.device)
@@ -104,6 +105,8 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
     else:
         gs = global_scale.reshape(()).clone()
     amax = torch.zeros((), dtype=torch.float32, device=x.device) if dynamic else gs
+    if m == 0:
+        return packed, scales, values, gs.fill_(1.0) if dynamic else gs
     if dynamic:
         block_k = groups_per_program * spec.group_size
         _finite_amax_kernel[grid](rows, amax, m, k, rows.stride(0), BLOCK_M=block_m, BLOCK_K=block_k)
