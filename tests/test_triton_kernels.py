@@ -14,7 +14,7 @@ triton_kernels = pytest.importorskip("fp4compile.kernels.triton")
 import triton  # noqa: E402  (present whenever the kernels import)
 import triton.language as tl  # noqa: E402
 
-from fp4compile.formats import MXFP4, NVFP4, decode_e2m1  # noqa: E402
+from fp4compile.formats import MXFP4, NVFP4, decode_e2m1, encode_e2m1  # noqa: E402
 from fp4compile.kernels.triton import codecs  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ("mxfp4", "nvfp4")
@@ -68,6 +68,47 @@ def check_linear(m: int, n: int, k: int, fmt: str, act_mode: str, generator: tor
     a = dequantize(quantize(x, fmt), torch.float64) if act_mode == "fp4" else x.double()
     ref = a @ dequantize(w, torch.float64).T + (b.double() if bias else 0)
     assert relative_error(y, ref) < 1e-2
+
+
+def random_fp4_weight(n: int, k: int, fmt: str, generator: torch.Generator):
+    """Random codes (every byte value) and scales over a wide range: NVFP4 every finite e4m3 byte,
+    subnormals included; MXFP4 a window of 100 binades per row, placed anywhere in e8m0's range
+    (within a row the kernel is exact over 125 binades, see ``kernels/triton/gemm.py``)."""
+    spec = get_format(fmt)
+    packed = torch.randint(0, 256, (n, k // 2), generator=generator, dtype=torch.int32).to(torch.uint8)
+    groups = k // spec.group_size
+    if fmt == "nvfp4":
+        scales = torch.randint(0, 0x7F, (n, groups), generator=generator, dtype=torch.int32)
+        global_scale = torch.rand((), generator=generator) + 0.5
+    else:
+        low = torch.randint(1, 254 - 100, (n, 1), generator=generator, dtype=torch.int32)
+        scales = low + torch.randint(0, 101, (n, groups), generator=generator, dtype=torch.int32)
+        global_scale = torch.tensor(1.0)
+    return quantized_tensor(packed, scales.to(torch.uint8), global_scale, fmt)
+
+
+def quantized_tensor(packed, scales, global_scale, fmt):
+    from fp4compile.formats import QuantizedTensor
+    return QuantizedTensor(packed.to(DEVICE), scales.to(DEVICE), global_scale.to(DEVICE), fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("m", "k"), [(16, 64), (64, 64), (128, 128)])
+def test_linear_kernel_decodes_every_code_and_scale_exactly(fmt: str, m: int, k: int, rng: torch.Generator):
+    """x = rows of the identity: each output is one weight value times alpha, which the kernel
+    must produce bit for bit (one nonzero product, float32 output), NaN blocks included."""
+    n = 48
+    w = random_fp4_weight(n, k, fmt, rng)
+    nan_scale = 0xFF if fmt == "mxfp4" else 0x7F
+    w.scales[5, 1] = nan_scale  # row 5 holds a NaN block: its outputs are NaN in every row of x
+    x = torch.eye(k, device=DEVICE)[:m]
+    y = triton_kernels.fp4_linear(x, w.packed, w.scales, w.global_scale, None, None, fmt, "none")
+    weight = dequantize_blocks(w.packed, w.scales, get_format(fmt)).double() * w.global_scale.double()
+    expected = (x.double() @ weight.T).float()  # 0 * NaN = NaN: a NaN block poisons its whole column
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+    assert y[:, 5].isnan().all() and not y[:, 6:].isnan().any()
+    y_again = triton_kernels.fp4_linear(x, w.packed, w.scales, w.global_scale, None, None, fmt, "none")
+    assert torch.equal(y.nan_to_num(), y_again.nan_to_num())  # split-K counters were left reset
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -141,6 +182,32 @@ def _decode_everything(e2m1_out, e8m0_out, e4m3_out):
     tl.store(e4m3_out + tl.arange(0, 128), codecs.e4m3_value(tl.arange(0, 128)))
 
 
+@triton.jit
+def _e2m1_codecs(x_ptr, codes_ptr, rounded_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offsets, mask=offsets < n)
+    tl.store(codes_ptr + offsets, codecs.encode_e2m1(x), mask=offsets < n)
+    tl.store(rounded_ptr + offsets, codecs.round_to_e2m1(x), mask=offsets < n)
+
+
+def test_device_e2m1_encoders_match_the_reference_on_every_bf16_value():
+    """Every bf16 bit pattern (all magnitudes, both zeros, subnormals, infinities, NaNs), plus the
+    float32 neighbours of each rounding threshold."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    thresholds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0])
+    near = torch.cat([torch.nextafter(thresholds, torch.tensor(0.0)), thresholds, torch.nextafter(thresholds, torch.tensor(9.0))])
+    x = torch.cat([x, near, -near]).to(DEVICE)
+    codes = torch.empty(x.shape, dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(x)
+    _e2m1_codecs[(triton.cdiv(x.numel(), 1024),)](x, codes, out, x.numel(), BLOCK=1024)
+    assert torch.equal(codes.cpu(), encode_e2m1(x.cpu()).to(torch.int32))
+    expected = decode_e2m1(encode_e2m1(x.cpu()))
+    finite = ~x.cpu().isnan()
+    torch.testing.assert_close(out.cpu()[finite], expected[finite], rtol=0, atol=0)
+    assert torch.equal(torch.signbit(out.cpu()[finite]), torch.signbit(expected[finite]))
+    assert out.cpu()[~finite].isnan().all()
+
+
 def test_device_codecs_decode_every_code_and_scale_byte():
     outputs = [torch.empty(n, device=DEVICE) for n in (16, 256, 128)]
     _decode_everything[(1,)](*outputs)
@@ -162,3 +229,73 @@ def test_kernels_accept_an_empty_batch_and_refuse_32_bit_offset_overflow():
     with pytest.raises(ValueError, match="exceed the Triton kernels' 32-bit offsets"):
         codecs.check_offsets(75_000, 28_672)
     codecs.check_offsets(65_536, 28_672)  # 1.9e9 elements: fits
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_kernel_matches_the_reference_bit_for_bit(fmt: str, rng: torch.Generator):
+    from fp4compile.kernels.triton.dequantize import fp4_dequantize
+
+    w = random_fp4_weight(37, 160, fmt, rng)
+    w.scales[3, 2] = 0xFF if fmt == "mxfp4" else 0x7F
+    # The interpreter does not round float32 -> bf16 to nearest-even: bf16 is checked on the GPU.
+    for dtype in (torch.float32,) + ((torch.bfloat16,) if DEVICE == "cuda" else ()):
+        got = fp4_dequantize(w.packed, w.scales, w.global_scale, fmt, dtype)
+        torch.testing.assert_close(got, dequantize(w, dtype), rtol=0, atol=0, equal_nan=True)
+
+
+def test_dequantize_linear_writes_each_chunk_into_its_columns(monkeypatch, rng: torch.Generator):
+    from fp4compile.kernels.triton import dequantize as dequantize_module
+
+    monkeypatch.setattr(dequantize_module, "CHUNK_ELEMENTS", 10 * 64)  # 10 rows per chunk: 5 chunks
+    w = quantize(torch.randn(48, 64, generator=rng).to(DEVICE), "nvfp4")
+    x = torch.randn(7, 64, generator=rng).to(DEVICE)
+    bias = torch.randn(48, generator=rng).to(DEVICE)
+    y = dequantize_module.dequantize_linear(x, w.packed, w.scales, w.global_scale, bias, "nvfp4")
+    ref = x.double() @ dequantize(w, torch.float64).T + bias.double()
+    assert relative_error(y, ref) < 1e-6  # float32 here: only the weight x global scale is rounded
+
+
+def mxfp4_rows(m: int, k: int, generator: torch.Generator, spread: float) -> torch.Tensor:
+    """Rows whose 32-groups span ``spread`` binades (a random magnitude per group)."""
+    magnitudes = 2.0 ** (torch.rand(m, k // 32, 1, generator=generator) * spread - spread / 2)
+    return (torch.randn(m, k // 32, 32, generator=generator) * magnitudes).reshape(m, k)
+
+
+def decode_e4m3_bytes(q: torch.Tensor) -> torch.Tensor:
+    return q.cpu().view(torch.float8_e4m3fn).float()
+
+
+@pytest.mark.parametrize("spread", [10.0, 40.0])
+def test_fp8_activation_conversion_is_exact_within_2_pow_14_of_the_row_maximum(spread: float, rng: torch.Generator):
+    from fp4compile.kernels.triton.fp8 import mxfp4_activation_to_fp8
+
+    x = mxfp4_rows(5, 160, rng, spread).to(DEVICE)
+    x[2, 7] = float("nan")
+    q, row_scale = mxfp4_activation_to_fp8(x)
+    got = decode_e4m3_bytes(q) * row_scale.cpu()[:, None]
+    reference = quantize(x, "mxfp4")
+    expected = dequantize(reference).cpu()
+    exponents = reference.scales.cpu().to(torch.int32)
+    exact = (exponents >= exponents.amax(dim=1, keepdim=True) - 14).repeat_interleave(32, dim=1)
+    exact &= ~expected.isnan().any(dim=1, keepdim=True)
+    torch.testing.assert_close(got[exact], expected[exact], rtol=0, atol=0)
+    assert got[2, :32].isnan().all()
+    if spread == 10.0:
+        assert exact[[0, 1, 3, 4]].all()  # nothing outside the exact range at this spread
+    else:  # groups far below the row's largest round in e4m3: small against that row's values
+        row_max = expected.abs().nan_to_num().amax(dim=1, keepdim=True)
+        error = (got - expected).abs().nan_to_num()
+        assert (error <= row_max * 2.0**-9).all()
+
+
+def test_fp8_weight_conversion_and_linear(rng: torch.Generator):
+    from fp4compile.kernels.triton.fp8 import fp8_linear, mxfp4_weight_to_fp8
+
+    w = quantize(mxfp4_rows(48, 160, rng, 10.0).to(DEVICE), "mxfp4", scale_rule="optimal")
+    q, row_scale = mxfp4_weight_to_fp8(w.packed, w.scales)
+    torch.testing.assert_close(decode_e4m3_bytes(q) * row_scale.cpu()[:, None], dequantize(w).cpu(), rtol=0, atol=0)
+    x = torch.randn(5, 160, generator=rng).to(DEVICE)
+    bias = torch.randn(48, generator=rng).to(DEVICE)
+    y = fp8_linear(x, w.packed, w.scales, bias, torch.float32)
+    ref = dequantize(quantize(x, "mxfp4"), torch.float64) @ dequantize(w, torch.float64).T + bias.double()
+    assert relative_error(y, ref) < 1e-5

@@ -22,15 +22,36 @@ def check_offsets(rows: int, row_length: int) -> None:
 
 @triton.jit
 def encode_e2m1(v):
-    """fp32 -> e2m1 codes (int32 0..15), round-to-nearest-even, saturating; NaN -> 0 (see formats)."""
+    """fp32 -> e2m1 codes (int32 0..15), round-to-nearest-even, saturating; NaN -> 0 (see formats).
+
+    Below 1 the magnitude code is round(2|v|) (0, 1 or 2): adding 2**23 to 2|v| leaves it in the
+    low bits of the float32. From 1 on, rounding the float32 bits to one mantissa bit (ties to
+    even) makes ``bits >> 22`` step through 254, 255, 256, ... for 1, 1.5, 2, ..., which are the
+    codes 2, 3, 4, ... plus 252; saturation caps the code at 7 (inf included)."""
     m = tl.abs(v)
-    code = (
-        (m > 0.25).to(tl.int32) + (m >= 0.75).to(tl.int32) + (m > 1.25).to(tl.int32)
-        + (m >= 1.75).to(tl.int32) + (m > 2.5).to(tl.int32) + (m >= 3.5).to(tl.int32)
-        + (m > 5.0).to(tl.int32)
-    )
-    negative = ((v.to(tl.int32, bitcast=True) >> 31) & 1) * (v == v).to(tl.int32)
-    return code | (negative << 3)
+    small = (m * 2.0 + 8388608.0).to(tl.int32, bitcast=True) & 3
+    bits = m.to(tl.int32, bitcast=True)
+    large = tl.minimum(((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252, 7)
+    code = tl.where(m < 1.0, small, large)
+    negative = (v.to(tl.int32, bitcast=True) >> 31) & 1
+    return tl.where(v != v, 0, code | (negative << 3))
+
+
+@triton.jit
+def round_to_e2m1(v):
+    """fp32 -> the nearest e2m1 value as fp32 (ties to even, saturating at 6; NaN stays NaN): the
+    value ``decode_e2m1(encode_e2m1(v))`` gives for non-NaN v, in a few float and integer
+    operations instead of a chain of compares, for kernels that need values, not codes.
+
+    Below 1, e2m1 steps are 0.5: adding and subtracting 2**22 rounds to that step (ties to even).
+    From 1 on, e2m1 keeps one mantissa bit: the fp32 bits are rounded to it (ties to even)."""
+    m = tl.abs(v)
+    small = (m + 4194304.0) - 4194304.0
+    bits = m.to(tl.int32, bitcast=True)
+    large = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) & -4194304).to(tl.float32, bitcast=True)
+    rounded = tl.minimum(tl.where(m < 1.0, small, large), 6.0).to(tl.int32, bitcast=True)
+    signed = (rounded | ((v.to(tl.int32, bitcast=True) >> 31) << 31)).to(tl.float32, bitcast=True)
+    return tl.where(v != v, v, signed)
 
 
 @triton.jit
@@ -75,3 +96,47 @@ def e4m3_value(byte):
     normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
     value = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
     return tl.where((byte & 0x7F) == 0x7F, float("nan"), value)
+
+
+# e2m1 pairs for the GEMMs. A code's sign bit moved to bit 15 of a 16-bit lane and its three
+# exponent/mantissa bits to bits 8..6 make the bf16 number ``e2m1 * 2**-126`` (the subnormal 0.5
+# included: it lands in bf16's subnormal range). One asm instance takes 4 packed bytes (one
+# register) and builds, for 4 nibbles at once, the lanes' low bytes (e0, m -> bits 7, 6) and high
+# bytes (s, e1 -> bits 7, 0) with shifts and masks, pairs them into bf16x2 registers with prmt,
+# and applies ``factor`` with one bf16x2 multiply per pair: 19 instructions for 8 values. Outputs
+# are the 4 low-nibble and the 4 high-nibble values (two registers each), byte by byte: element i
+# of each output depends only on byte i, so the asm is elementwise whatever registers Triton
+# packs together (a test checks every code and position on the GPU).
+_E2M1_PAIRS_ASM = tl.constexpr("""
+{
+.reg .b32 l, h, t;
+shl.b32 l, $4, 6; and.b32 l, l, 0xC0C0C0C0;
+shl.b32 h, $4, 4; and.b32 h, h, 0x80808080; shr.b32 t, $4, 2; and.b32 t, t, 0x01010101; or.b32 h, h, t;
+prmt.b32 t, l, h, 0x5140; mul.rn.bf16x2 $0, t, $5;
+prmt.b32 t, l, h, 0x7362; mul.rn.bf16x2 $1, t, $6;
+shl.b32 l, $4, 2; and.b32 l, l, 0xC0C0C0C0;
+and.b32 h, $4, 0x80808080; shr.b32 t, $4, 6; and.b32 t, t, 0x01010101; or.b32 h, h, t;
+prmt.b32 t, l, h, 0x5140; mul.rn.bf16x2 $2, t, $5;
+prmt.b32 t, l, h, 0x7362; mul.rn.bf16x2 $3, t, $6;
+}
+""")
+
+_TWO_POW_MINUS_126 = tl.constexpr(2.0**-126)
+
+@triton.jit
+def decode_e2m1_pairs(packed, factor, USE_ASM: tl.constexpr):
+    """Packed bytes -> (low-nibble values, high-nibble values), each ``e2m1 * 2**-126 * factor``.
+
+    ``packed``: uint8 tensor; ``factor``: a tensor of its shape, bf16 with ``USE_ASM`` (the GPU:
+    bf16 results, exact while the product is a normal bf16) or float32 without (the interpreter,
+    which cannot run inline asm: float32 results, the same values).
+    """
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            _E2M1_PAIRS_ASM, "=r,=r,=r,=r,r,r,r", [packed, factor],
+            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4,
+        )
+    else:
+        codes = packed.to(tl.int32)
+        per_unit = factor * _TWO_POW_MINUS_126  # e2m1 * 2**-126 * factor, exactly
+        return decode_e2m1(codes & 15) * per_unit, decode_e2m1(codes >> 4) * per_unit

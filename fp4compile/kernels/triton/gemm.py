@@ -1,155 +1,283 @@
-"""fp4 linear kernel: y = alpha * (a @ w.T) + bias with an fp4 weight, W4A16 or W4A4.
+"""fp4 GEMM kernel: y = alpha * (a @ w.T) + bias with an fp4 weight (N, K) in its canonical form.
 
-Hopper has no fp4 tensor cores: weight tiles are decoded in registers to bf16, which holds every
-``e2m1 * block_scale`` product exactly (MXFP4: 2 significant bits times a power of two; NVFP4: 2
-times 4 bits), and multiplied on bf16 tensor cores with float32 accumulation. In W4A4 the
-activation is quantized and decoded once, by ``fp4_fake_quantize`` (the same exact products),
-before the GEMM. For decode-sized M the K loop is split over programs to fill the GPU. ``alpha`` (``gs_activation * gs_weight``) is read from device memory in the
-epilogue, where the bias is added. In W4A16 the activation tile is rounded to bf16.
-Under the interpreter (CPU) the tiles are float32 instead (see ``DOT_DTYPE``).
+Hopper has no fp4 tensor cores, so weight tiles are decoded in registers and multiplied on bf16
+tensor cores with float32 accumulation. The decode is what bounds these kernels (a previous
+version spent 17 instructions per weight element on it and reached ~1 TB/s), so it is built to be
+cheap, and counted in SASS:
+
+- ``decode_e2m1_pairs`` turns 4 packed bytes into 8 bf16 values with bit placement and one bf16x2
+  multiply per pair (about 3 instructions per element). It yields the even (low nibble) and odd
+  (high nibble) elements of each byte as two tensors, so the kernel runs two dots per K step, one
+  on the even and one on the odd columns of the activation: no interleaving of decoded values.
+- The multiply applies ``block_scale * 2**126 / 2**E`` (see the codec), exact in bf16:
+  NVFP4 uses a constant ``E = 8`` (every ``e2m1 * e4m3`` product then is a normal bf16 between
+  2**-18 and 10.5); MXFP4 uses, per weight row, the largest e8m0 exponent of the program's K range,
+  so every group within 2**125 of its row's largest is exact (smaller ones flush to zero). The
+  ``2**E`` goes back into the float32 result in the epilogue, with ``alpha`` and the bias.
+
+The activation is the A operand as it is: bf16 for W4A16 (fp16 and fp32 activations are rounded
+to bf16), or, for W4A4, the exact ``e2m1 * scale`` values written by ``fp4_fake_quantize``.
+
+Grid: (M tiles, N tiles, K splits). Decode-sized M has few output tiles, so K is split over
+programs to fill the GPU; the programs of one output tile add their float32 partial sums in a
+fixed order (deterministic): each stores its partial, and the last to arrive (counted with an
+atomic on a per-tile counter that it then resets) sums them and writes the output. One launch,
+no host sync, CUDA-graph safe. Under the interpreter (CPU) tiles are float32 (``DOT_DTYPE``).
 """
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
-from .codecs import check_offsets, decode_e2m1, e4m3_value, e8m0_value
-from .quantize import fp4_fake_quantize
+from .codecs import check_offsets, decode_e2m1_pairs
+
+_TWO_POW_119 = tl.constexpr(2.0**119)
+
+NVFP4_PRODUCT_EXPONENT = 8
+"""NVFP4 decodes ``e2m1 * scale * 2**-8`` (see the module docstring); the epilogue multiplies by 2**8."""
 
 
 @triton.jit
-def _decode_tile(packed_ptr, scales_ptr, rows, k0, n_rows, K, GROUP: tl.constexpr, IS_MXFP4: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Rows ``rows`` x columns [k0, k0 + BLOCK_K) of a packed fp4 matrix as ``e2m1 * scale``."""
-    half = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    mask = (rows[:, None] < n_rows) & (half[None, :] < K // 2)
-    packed = tl.load(packed_ptr + rows[:, None] * (K // 2) + half[None, :], mask=mask, other=0).to(tl.int32)
-    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_R, BLOCK_K))
-    groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
-    gmask = (rows[:, None] < n_rows) & (groups[None, :] < K // GROUP)
-    scale_bytes = tl.load(scales_ptr + rows[:, None] * (K // GROUP) + groups[None, :], mask=gmask, other=0)
-    scale_bytes = scale_bytes.to(tl.int32)
+def _exp2_int(e):
+    """2**e as float32 for integer tensors e in [-126, 127] (built from the exponent bits: exact)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _block_factor(scale_bytes, row_exponent, IS_MXFP4: tl.constexpr):
+    """float32 ``block_scale * 2**126 / 2**E`` for ``decode_e2m1_pairs`` (see the module docstring),
+    from int32 scale bytes, in a few integer operations per group.
+
+    MXFP4: ``2**(s - row_exponent + 126)``, zero where that is below 2**-126 (the group is then
+    below 2**-125 of its row's largest and flushes); the row's NaN is applied in the epilogue.
+    NVFP4: the e4m3 byte shifted into a float32 is ``scale * 2**-120`` (subnormal scales included),
+    times 2**238 = ``scale * 2**118`` (in two steps: 2**238 is not a float32); 0x7F is NaN.
+    """
     if IS_MXFP4:
-        scale = e8m0_value(scale_bytes)
+        return (tl.maximum(scale_bytes - row_exponent + 253, 0) << 23).to(tl.float32, bitcast=True)
     else:
-        scale = e4m3_value(scale_bytes)
-    values = tl.reshape(decode_e2m1(codes), (BLOCK_R, BLOCK_K // GROUP, GROUP)) * scale[:, :, None]
-    return tl.reshape(values, (BLOCK_R, BLOCK_K)).to(DOT_DTYPE)
+        scale = (scale_bytes << 20).to(tl.float32, bitcast=True) * _TWO_POW_119
+        return tl.where(scale_bytes == 0x7F, float("nan"), scale * _TWO_POW_119)
 
 
 @triton.jit
-def _linear_kernel(
-    x_ptr, w_packed_ptr, w_scales_ptr, alpha_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, K_PER_SPLIT,
-    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    WRITE_PARTIAL: tl.constexpr,
+def _load_scale_words(s_ptr, rows, g0, K_GROUPS, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+    """Scale bytes of groups [g0, g0 + GROUPS) of ``rows`` (int32, (BLOCK_N, GROUPS)), loaded as
+    32-bit words: Triton pipelines (cp.async) loads of at least 4 bytes per thread, not byte loads,
+    and an unpipelined load here would stall every K step on memory latency. Needs K_GROUPS and
+    g0 to be multiples of 4."""
+    words = tl.arange(0, GROUPS // 4)
+    word = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (K_GROUPS // 4) + (g0 // 4 + words)[None, :])
+    low = tl.join(word & 0xFF, (word >> 16) & 0xFF)
+    high = tl.join((word >> 8) & 0xFF, (word >> 24) & 0xFF)
+    return tl.reshape(tl.join(low, high), (BLOCK_N, GROUPS))
+
+
+@triton.jit
+def _row_max_exponent(s_ptr, rows, g_start, g_end, K_GROUPS, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+                      WORDS: tl.constexpr):
+    """Per weight row, the largest e8m0 scale byte among groups [g_start, g_end) (int32, (BLOCK_N,)).
+    Elementwise maxima over chunks, one reduction at the end; ``WORDS`` reads 32-bit words (needs
+    K_GROUPS and g_start multiples of 4), which takes a quarter of the load instructions."""
+    largest = tl.zeros((BLOCK_N, CHUNK // 4 if WORDS else CHUNK), dtype=tl.int32)
+    for g0 in range(g_start, g_end, CHUNK):
+        if WORDS:
+            words = g0 // 4 + tl.arange(0, CHUNK // 4)
+            word = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (K_GROUPS // 4) + words[None, :],
+                           mask=words[None, :] < g_end // 4, other=0)
+            low = tl.maximum(word & 0xFF, (word >> 8) & 0xFF)
+            high = tl.maximum((word >> 16) & 0xFF, (word >> 24) & 0xFF)
+            largest = tl.maximum(largest, tl.maximum(low, high))
+        else:
+            groups = g0 + tl.arange(0, CHUNK)
+            scale_bytes = tl.load(s_ptr + rows[:, None] * K_GROUPS + groups[None, :], mask=groups[None, :] < g_end,
+                                  other=0)
+            largest = tl.maximum(largest, scale_bytes.to(tl.int32))
+    return tl.max(largest, axis=1)
+
+
+@triton.jit
+def _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent, k0, M, K, HALF_K, K_GROUPS, stride_xm,
+            GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr,
+            DOT_DTYPE: tl.constexpr):
+    """acc + x[rows, k0:k0+BLOCK_K] @ w[w_rows, k0:k0+BLOCK_K].T: load, decode, two dots."""
+    byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    if EVEN_K:
+        packed = tl.load(w_ptr + w_rows[:, None] * HALF_K + byte_cols[None, :])
+    else:
+        packed = tl.load(w_ptr + w_rows[:, None] * HALF_K + byte_cols[None, :], mask=byte_cols[None, :] < HALF_K, other=0)
+    if SCALE_WORDS:
+        scale_bytes = _load_scale_words(s_ptr, w_rows, k0 // GROUP, K_GROUPS, BLOCK_N, BLOCK_K // GROUP)
+    else:
+        groups = k0 // GROUP + tl.arange(0, BLOCK_K // GROUP)
+        scale_bytes = tl.load(s_ptr + w_rows[:, None] * K_GROUPS + groups[None, :],
+                              mask=groups[None, :] < K_GROUPS, other=0).to(tl.int32)
+    factor = _block_factor(scale_bytes, exponent[:, None] if IS_MXFP4 else 0, IS_MXFP4).to(DOT_DTYPE)
+    factor = tl.reshape(tl.broadcast_to(factor[:, :, None], (BLOCK_N, BLOCK_K // GROUP, GROUP // 2)),
+                        (BLOCK_N, BLOCK_K // 2))
+    w_even, w_odd = decode_e2m1_pairs(packed, factor, USE_ASM)
+    ks = k0 + tl.arange(0, BLOCK_K)
+    x_mask = rows[:, None] < M
+    if not EVEN_K:
+        x_mask = x_mask & (ks[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=x_mask, other=0.0).to(DOT_DTYPE)
+    x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+    acc = tl.dot(x_even, tl.trans(w_even.to(DOT_DTYPE)), acc)
+    return tl.dot(x_odd, tl.trans(w_odd.to(DOT_DTYPE)), acc)
+
+
+@triton.jit
+def _fp4_gemm_kernel(
+    x_ptr, w_ptr, s_ptr, alpha_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    M, N, K, HALF_K, K_GROUPS, stride_xm, K_PER_SPLIT,
+    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) output tile over K range ``program_id(2)``. With WRITE_PARTIAL the
-    float32 partial sum goes to ``out_ptr[split]`` for ``_reduce_splits_kernel``."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_start = tl.program_id(2) * K_PER_SPLIT
+    """One (BLOCK_M, BLOCK_N) output tile over the K range of ``program_id(2)``."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past N read row N - 1 (valid memory, results never stored): no mask on the weight loads.
+    w_rows = tl.minimum(cols, N - 1)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    if IS_MXFP4:
+        exponent = _row_max_exponent(s_ptr, w_rows, k_start // GROUP, k_end // GROUP, K_GROUPS, BLOCK_N, 64, SCALE_WORDS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
-        w = _decode_tile(w_packed_ptr, w_scales_ptr, cols, k0, N, K, GROUP, IS_MXFP4, BLOCK_N, BLOCK_K, DOT_DTYPE)
-        ks = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :],
-                    mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(DOT_DTYPE)
-        acc += tl.dot(a, tl.trans(w))
+    for k0 in range(k_start, k_end, BLOCK_K):
+        acc = _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent if IS_MXFP4 else 0, k0, M, K, HALF_K, K_GROUPS,
+                      stride_xm, GROUP, IS_MXFP4, EVEN_K, SCALE_WORDS, BLOCK_M, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
+    if IS_MXFP4:
+        # A NaN scale (byte 255) makes its row's outputs NaN, as in the reference.
+        acc = tl.where(exponent[None, :] == 255, float("nan"), acc * _exp2_int(tl.minimum(exponent, 254) - 127)[None, :])
     mask = (rows[:, None] < M) & (cols[None, :] < N)
-    if WRITE_PARTIAL:
-        tl.store(out_ptr + tl.program_id(2) * M * N + rows[:, None] * N + cols[None, :], acc, mask=mask)
+    offsets = rows[:, None] * N + cols[None, :]
+    if SPLIT_K:
+        tl.store(partial_ptr + pid_k * M * N + offsets, acc, mask=mask)
+        # Every thread's partial store precedes the release; the last program of the tile sums.
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(2) - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in range(0, tl.num_programs(2)):
+                acc += tl.load(partial_ptr + split * M * N + offsets, mask=mask, other=0.0)
+            _store_output(acc, alpha_ptr, bias_ptr, out_ptr, offsets, cols, mask, N, IS_MXFP4, HAS_BIAS)
+            tl.atomic_xchg(counter_ptr + tile, 0)
     else:
-        acc = acc * tl.load(alpha_ptr)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_output(acc, alpha_ptr, bias_ptr, out_ptr, offsets, cols, mask, N, IS_MXFP4, HAS_BIAS)
 
 
 @triton.jit
-def _reduce_splits_kernel(partial_ptr, alpha_ptr, bias_ptr, out_ptr, M, N, SPLITS,
-                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """out = alpha * sum over splits of the partial sums (+ bias), in a fixed order: deterministic."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in range(0, SPLITS):
-        acc += tl.load(partial_ptr + split * M * N + offs, mask=mask, other=0.0)
-    acc = acc * tl.load(alpha_ptr)
+def _store_output(acc, alpha_ptr, bias_ptr, out_ptr, offsets, cols, mask, N,
+                  IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """out = alpha * acc (* 2**8 for NVFP4, see the module docstring) + bias, in out's dtype."""
+    alpha = tl.load(alpha_ptr)
+    if not IS_MXFP4:
+        alpha = alpha * 256.0  # 2**NVFP4_PRODUCT_EXPONENT
+    acc = acc * alpha
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch parameters of ``_fp4_gemm_kernel``; ``programs_per_sm`` is how many
+    programs K splitting aims for when the output tiles alone are fewer (decode-sized M)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int = 2
+
+
+def choose_config(m: int, n: int, k: int) -> GemmConfig:
+    """The configuration for an (M, N, K) problem, by M bucket: the best of a sweep on an H200
+    (``benchmarks/tune_linear.py``, recorded in ``benchmarks/RESULTS.md``)."""
+    block_k = min(128, triton.next_power_of_2(k))
+    if m <= 16:
+        return GemmConfig(16, 128, block_k, num_warps=4, num_stages=4)
+    if m <= 32:
+        return GemmConfig(32, 128, block_k, num_warps=4, num_stages=4)
+    if m <= 64:
+        return GemmConfig(64, 64, block_k, num_warps=4, num_stages=3)
+    return GemmConfig(128, 64, block_k, num_warps=4, num_stages=3)
+
+
+def _scale_words(k: int, block_k: int, group: int) -> bool:
+    """Whether scale bytes can be loaded as 32-bit words: every K tile whole and 4-group aligned."""
+    return k % block_k == 0 and block_k % (4 * group) == 0 and (k // group) % 4 == 0
 
 
 @functools.cache
-def _programs_wanted(device: torch.device) -> int:
-    """About two programs per multiprocessor keep a memory-bound GEMV busy (4 in the interpreter,
-    which exercises the split path on small shapes)."""
+def _multiprocessors(device: torch.device) -> int:
+    """Multiprocessor count (a small number in the interpreter, which exercises split-K on tiny shapes)."""
     if device.type != "cuda":
-        return 4
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _block_k(k: int, group: int) -> int:
-    """The widest of 128 / 64 / 32 that divides K (so tiles never straddle a group)."""
-    return next(b for b in (128, 64, 32) if k % b == 0 and b % group == 0) if k % 32 == 0 else group
+_SPLIT_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def fp4_linear(
-    x: torch.Tensor,
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for split-K tiles, kept per (device, stream) and reused: every
+    launch leaves them zero again (the last program of a tile resets its counter), so they are
+    allocated once, not per call. Kernels on one stream run in order, so they never share a counter
+    at the same time; another stream gets its own."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    counters = _SPLIT_COUNTERS.get((device, stream))
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[(device, stream)] = counters
+    return counters
+
+
+def fp4_gemm(
+    a: torch.Tensor,
     w_packed: torch.Tensor,
     w_scales: torch.Tensor,
-    w_global_scale: torch.Tensor,
-    act_global_scale: torch.Tensor | None,
+    alpha: torch.Tensor,
     bias: torch.Tensor | None,
     fmt: str,
-    act_mode: str,
+    out_dtype: torch.dtype,
+    config: GemmConfig | None = None,
 ) -> torch.Tensor:
-    """Triton version of ``fp4::linear`` (arguments validated by the op)."""
-    spec = get_format(fmt)
-    *lead, k = x.shape
+    """``alpha * (a @ w.T) + bias`` for a (M, K) with unit column stride and an fp4 weight (N, K).
+
+    ``a`` is bf16 on the GPU (float32 in the interpreter); ``alpha`` a 0-dim float32 device tensor.
+    """
+    m, k = a.shape
     n = w_packed.shape[0]
-    rows = x.reshape(-1, k)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    m = rows.shape[0]
-    check_offsets(m, max(k, n, rows.stride(0)))
-    check_offsets(n, k)
-    if m == 0:
-        return x.new_empty((*lead, n))
-    dot_dtype = torch.float32 if x.device.type == "cpu" else torch.bfloat16
-    if act_mode == "fp4":
-        rows, a_gs = fp4_fake_quantize(rows, fmt, act_global_scale, dot_dtype)
-        alpha = a_gs * w_global_scale.reshape(())
-    else:
-        alpha = w_global_scale.reshape(()).float()
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_m = 16 if m <= 16 else (64 if m <= 128 else 128)
-    block_n = 64 if m <= 128 else 128
-    block_k = _block_k(k, spec.group_size)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    spec = get_format(fmt)
+    cfg = config or choose_config(m, n, k)
+    on_gpu = a.device.type == "cuda"
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    grid_mn = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     # Split K when the output tiles alone cannot fill the GPU (decode-sized M).
-    splits = max(1, min(_programs_wanted(x.device) // tiles, triton.cdiv(k, block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    wanted = cfg.programs_per_sm * _multiprocessors(a.device)
+    splits = max(1, min(wanted // grid_mn, triton.cdiv(k, cfg.block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
     splits = triton.cdiv(k, k_per_split)
-    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
-    bias_arg = bias if bias is not None else rows  # never read without HAS_BIAS
-    _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)](
-        rows, w_packed, w_scales, alpha, bias_arg, partial,
-        m, n, k, rows.stride(0), k_per_split,
-        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        # The interpreter (CPU CI) computes bf16 dots wrongly (numpy has no bf16): fp32 there.
-        DOT_DTYPE=tl.float32 if dot_dtype is torch.float32 else tl.bfloat16,
-        WRITE_PARTIAL=splits > 1,
+    partial = torch.empty((splits, m, n), dtype=torch.float32, device=a.device) if splits > 1 else out
+    counters = _split_counters(a.device, grid_mn) if splits > 1 else out
+    bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
+    _fp4_gemm_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), splits)](
+        a, w_packed, w_scales, alpha, bias_arg, out, partial, counters,
+        m, n, k, k // 2, k // spec.group_size, a.stride(0), k_per_split,
+        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None, SPLIT_K=splits > 1,
+        EVEN_K=k % cfg.block_k == 0, SCALE_WORDS=_scale_words(k, cfg.block_k, spec.group_size),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        USE_ASM=on_gpu, DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if splits > 1:
-        block = 1024
-        _reduce_splits_kernel[(triton.cdiv(m * n, block),)](
-            partial, alpha, bias_arg, out, m, n, splits, HAS_BIAS=bias is not None, BLOCK=block
-        )
-    return out.reshape(*lead, n)
+    return out

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
-from .codecs import check_offsets, decode_e2m1, e4m3_value, e8m0_value, encode_e2m1, encode_e4m3
+from .codecs import check_offsets, e4m3_value, e8m0_value, encode_e2m1, encode_e4m3, round_to_e2m1
 
 
 @triton.jit
@@ -26,10 +26,32 @@ def _finite_amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
+def _divide_by_block(blocks, divisor, FMA_DIVISION: tl.constexpr):
+    """``blocks / divisor[:, :, None]`` rounded to nearest as one division would; a zero divisor
+    (an underflowed NVFP4 scale) gives 0, as in the reference.
+
+    ``FMA_DIVISION`` (the GPU): one correctly rounded reciprocal per block and two FMAs per
+    element instead of a division (Markstein's correction: q = x * r, then q + (x - q * d) * r is
+    the correctly rounded quotient when r is 1/d rounded). Without it (the interpreter, whose fma
+    rounds twice), a division per element."""
+    if not FMA_DIVISION:
+        return tl.where(divisor[:, :, None] == 0, 0.0, tl.math.div_rn(blocks, divisor[:, :, None]))
+    # A divisor below 2**-100 (a tensor of tiny values) is scaled by 2**64 with x, so that its
+    # reciprocal stays finite; scaling both by a power of two leaves the quotient as it was.
+    shift = tl.where(divisor < 7.888609052210118e-31, 1.8446744073709552e19, 1.0)
+    d = (divisor * shift)[:, :, None]
+    x = blocks * shift[:, :, None]
+    reciprocal = tl.math.div_rn(tl.full(divisor.shape, 1.0, tl.float32), divisor * shift)[:, :, None]
+    q = x * reciprocal
+    q = tl.fma(tl.fma(-q, d, x), reciprocal, q)
+    return tl.where(d == 0, 0.0, q)
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr, packed_ptr, scales_ptr, values_ptr, gs_ptr, amax_ptr, M, K, stride_xm,
     GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, GS_FROM_AMAX: tl.constexpr, WRITE_VALUES: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, FMA_DIVISION: tl.constexpr,
 ):
     """Quantize a (BLOCK_M, GROUPS_PER_PROGRAM * GROUP) tile. WRITE_VALUES stores the decoded
     ``e2m1 * block_scale`` values (no global scale) to ``values_ptr`` instead of codes and scales."""
@@ -46,8 +68,11 @@ def _quantize_kernel(
         exponent_field = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
         scale = tl.minimum(tl.maximum(exponent_field - 127 - 2, -127), 127) + 127  # floor(log2 amax) - 2
         scale = tl.where(poisoned, 0xFF, scale)
-        divisor = e8m0_value(scale)
-        block_value = divisor
+        block_value = e8m0_value(scale)
+        # x / 2**e is x * 2**-e exactly (e <= 125 for finite x, so 2**-e is a normal float32); a
+        # poisoned block's codes are 0, as the reference's division by its infinite divisor gives.
+        inverse = tl.where(poisoned, 0.0, e8m0_value(254 - scale))
+        scaled = blocks * inverse[:, :, None]
     else:
         if GS_FROM_AMAX:
             gs = tl.load(amax_ptr) * (1.0 / (6.0 * 448.0))  # as formats.nvfp4_global_scale
@@ -59,11 +84,9 @@ def _quantize_kernel(
         scale = encode_e4m3(tl.math.div_rn(amax, 6.0 * gs))
         scale = tl.where(poisoned, 0x7F, scale)
         block_value = e4m3_value(scale)
-        divisor = block_value * gs
-    divisor = divisor[:, :, None]
-    scaled = tl.where(divisor == 0, 0.0, tl.math.div_rn(blocks, divisor))
+        scaled = _divide_by_block(blocks, block_value * gs, FMA_DIVISION)
     if WRITE_VALUES:
-        values = tl.reshape(decode_e2m1(encode_e2m1(scaled)) * block_value[:, :, None], (BLOCK_M, BLOCK_K))
+        values = tl.reshape(round_to_e2m1(scaled) * block_value[:, :, None], (BLOCK_M, BLOCK_K))
         tl.store(values_ptr + rows[:, None] * K + cols[None, :], values.to(values_ptr.dtype.element_ty), mask=mask)
         return
     codes = tl.reshape(encode_e2m1(scaled), (BLOCK_M, BLOCK_K // 2, 2))
@@ -95,7 +118,7 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
         scales = torch.empty((m, k // spec.group_size), dtype=torch.uint8, device=x.device)
         values = packed  # not written
     groups_per_program = min(128 // spec.group_size, triton.next_power_of_2(k // spec.group_size))
-    block_m = 16
+    block_m = 16 if m <= 256 else 64  # small tiles fill the GPU at decode sizes; large ones amortize
     grid = (triton.cdiv(m, block_m), triton.cdiv(k // spec.group_size, groups_per_program))
     dynamic = spec is not MXFP4 and global_scale is None
     if spec is MXFP4:
@@ -113,7 +136,7 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
     _quantize_kernel[grid](
         rows, packed, scales, values, gs, amax, m, k, rows.stride(0),
         GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, GS_FROM_AMAX=dynamic, WRITE_VALUES=write_values,
-        BLOCK_M=block_m, GROUPS_PER_PROGRAM=groups_per_program,
+        BLOCK_M=block_m, GROUPS_PER_PROGRAM=groups_per_program, FMA_DIVISION=x.device.type == "cuda",
     )
     return packed, scales, values, gs
 

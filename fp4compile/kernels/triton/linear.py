@@ -1,0 +1,68 @@
+"""``fp4::linear`` on CUDA: the kernel for each M bucket, chosen per call from the shape.
+
+- M <= ``LARGE_M``: ``gemm.fp4_gemm``, every row in one M tile (each weight tile decoded once),
+  K split over programs when the N tiles alone cannot fill the GPU (decode sizes).
+- M > ``LARGE_M``: compute-bound. MXFP4 W4A4 runs on fp8 tensor cores (``fp8.fp8_linear``, twice
+  the bf16 rate); everything else dequantizes the weight to bf16 in chunks and calls cuBLAS
+  (``dequantize.dequantize_linear``), which beats decoding tiles inside the GEMM there.
+
+W4A4 other than the fp8 path quantizes the activation first (``fp4_fake_quantize``: the exact
+``e2m1 * scale`` values in bf16) and multiplies like W4A16, with ``alpha = gs_a * gs_w``.
+"""
+
+import torch
+
+from ...formats.spec import MXFP4, get_format
+from .codecs import check_offsets
+from .dequantize import dequantize_linear
+from .fp8 import fp8_linear
+from .gemm import fp4_gemm
+from .quantize import fp4_fake_quantize
+
+LARGE_M = 128
+"""Above this many rows the compute-bound paths (fp8, or dequantize + cuBLAS) take over: measured
+faster from M=256 on (``benchmarks/RESULTS.md``)."""
+
+
+def kernel_for(m: int, fmt: str, act_mode: str) -> str:
+    """The kernel that ``fp4_linear`` runs for ``m`` rows (shown in the layer report)."""
+    if m > LARGE_M:
+        return "fp8" if (get_format(fmt) is MXFP4 and act_mode == "fp4") else "dequantize+cublas"
+    return "fp4-gemm"
+
+
+def fp4_linear(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    w_scales: torch.Tensor,
+    w_global_scale: torch.Tensor,
+    act_global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt: str,
+    act_mode: str,
+) -> torch.Tensor:
+    """Triton version of ``fp4::linear`` (arguments validated by the op)."""
+    *lead, k = x.shape
+    n = w_packed.shape[0]
+    rows = x.reshape(-1, k)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    m = rows.shape[0]
+    check_offsets(m, max(k, n, rows.stride(0)))
+    check_offsets(n, k)
+    if m == 0:
+        return x.new_empty((*lead, n))
+    kernel = kernel_for(m, fmt, act_mode) if x.device.type == "cuda" else "fp4-gemm"
+    if kernel == "fp8":
+        return fp8_linear(rows, w_packed, w_scales, bias, x.dtype).reshape(*lead, n)
+    dot_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
+    if act_mode == "fp4":
+        rows, a_gs = fp4_fake_quantize(rows, fmt, act_global_scale, dot_dtype)
+        alpha = a_gs * w_global_scale.reshape(())
+    else:
+        alpha = w_global_scale.reshape(()).float()
+    if kernel == "dequantize+cublas":
+        out = dequantize_linear(rows.to(dot_dtype), w_packed, w_scales, alpha, bias, fmt).to(x.dtype)
+    else:
+        out = fp4_gemm(rows, w_packed, w_scales, alpha, bias, fmt, x.dtype)
+    return out.reshape(*lead, n)
