@@ -132,46 +132,73 @@ def _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent, k0, M, K, HALF_K, 
 
 
 @triton.jit
+def _first_unit(program, UNITS, PROGRAMS):
+    """Stream-K partition: program p owns units [ceil(p * U / P), ceil((p + 1) * U / P)), so unit u
+    belongs to program u * P // U; every program gets U / P units, give or take one."""
+    return (program * UNITS + PROGRAMS - 1) // PROGRAMS
+
+
+@triton.jit
 def _fp4_gemm_kernel(
     x_ptr, w_ptr, s_ptr, alpha_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
-    M, N, K, HALF_K, K_GROUPS, stride_xm, K_PER_SPLIT,
-    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    M, N, K, HALF_K, K_GROUPS, stride_xm, TILES_N, K_TILES, UNITS,
+    MAX_SEGMENTS, GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) output tile over the K range of ``program_id(2)``."""
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past N read row N - 1 (valid memory, results never stored): no mask on the weight loads.
-    w_rows = tl.minimum(cols, N - 1)
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    if IS_MXFP4:
-        exponent = _row_max_exponent(s_ptr, w_rows, k_start // GROUP, k_end // GROUP, K_GROUPS, BLOCK_N, 64, SCALE_WORDS)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        acc = _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent if IS_MXFP4 else 0, k0, M, K, HALF_K, K_GROUPS,
-                      stride_xm, GROUP, IS_MXFP4, EVEN_K, SCALE_WORDS, BLOCK_M, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
-    if IS_MXFP4:
-        # A NaN scale (byte 255) makes its row's outputs NaN, as in the reference.
-        acc = tl.where(exponent[None, :] == 255, float("nan"), acc * _exp2_int(tl.minimum(exponent, 254) - 127)[None, :])
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    offsets = rows[:, None] * N + cols[None, :]
-    if SPLIT_K:
-        tl.store(partial_ptr + pid_k * M * N + offsets, acc, mask=mask)
-        # Every thread's partial store precedes the release; the last program of the tile sums.
-        tl.debug_barrier()
-        tile = pid_m * tl.num_programs(1) + pid_n
-        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == tl.num_programs(2) - 1:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for split in range(0, tl.num_programs(2)):
-                acc += tl.load(partial_ptr + split * M * N + offsets, mask=mask, other=0.0)
-            _store_output(acc, alpha_ptr, bias_ptr, out_ptr, offsets, cols, mask, N, IS_MXFP4, HAS_BIAS)
-            tl.atomic_xchg(counter_ptr + tile, 0)
-    else:
-        _store_output(acc, alpha_ptr, bias_ptr, out_ptr, offsets, cols, mask, N, IS_MXFP4, HAS_BIAS)
+    """Stream-K: this program's share of the (output tile, K tile) units, in order. Each run of
+    units within one output tile is a segment; a segment covering the whole K range writes the
+    output, others add up through ``partial_ptr`` (one (BLOCK_M, BLOCK_N) slot per program and
+    segment): the last program of a tile to arrive (counted on ``counter_ptr``, which it resets)
+    sums its contributors' slots in program order (deterministic) and writes the output."""
+    programs = tl.num_programs(0)
+    program = tl.program_id(0)
+    unit = _first_unit(program, UNITS, programs)
+    last_unit = _first_unit(program + 1, UNITS, programs)
+    first_tile = unit // K_TILES
+    while unit < last_unit:
+        tile = unit // K_TILES
+        k_first = unit - tile * K_TILES
+        k_last = tl.minimum(K_TILES, k_first + last_unit - unit)
+        rows = (tile // TILES_N) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (tile % TILES_N) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Rows past N read row N - 1 (valid memory, results never stored): no mask on the weight loads.
+        w_rows = tl.minimum(cols, N - 1)
+        if IS_MXFP4:
+            exponent = _row_max_exponent(s_ptr, w_rows, k_first * (BLOCK_K // GROUP),
+                                         tl.minimum(k_last * (BLOCK_K // GROUP), K_GROUPS), K_GROUPS, BLOCK_N, 64,
+                                         SCALE_WORDS)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(k_first, k_last):
+            acc = _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent if IS_MXFP4 else 0, kt * BLOCK_K, M, K,
+                          HALF_K, K_GROUPS, stride_xm, GROUP, IS_MXFP4, EVEN_K, SCALE_WORDS, BLOCK_M, BLOCK_N, BLOCK_K,
+                          USE_ASM, DOT_DTYPE)
+        if IS_MXFP4:
+            # A NaN scale (byte 255) makes its row's outputs NaN, as in the reference.
+            acc = tl.where(exponent[None, :] == 255, float("nan"),
+                           acc * _exp2_int(tl.minimum(exponent, 254) - 127)[None, :])
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        if (k_first == 0) & (k_last == K_TILES):
+            _store_output(acc, alpha_ptr, bias_ptr, out_ptr, rows[:, None] * N + cols[None, :], cols, mask, N,
+                          IS_MXFP4, HAS_BIAS)
+        else:
+            slot = program * MAX_SEGMENTS + tile - first_tile
+            tl.store(partial_ptr + slot * (BLOCK_M * BLOCK_N) + tile_offsets, acc, mask=mask)
+            # Every thread's partial store precedes the release; the last program of the tile sums.
+            tl.debug_barrier()
+            first = (tile * K_TILES * programs) // UNITS
+            contributors = ((tile * K_TILES + K_TILES - 1) * programs) // UNITS - first + 1
+            arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == contributors - 1:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for q in range(first, first + contributors):
+                    q_slot = q * MAX_SEGMENTS + tile - _first_unit(q, UNITS, programs) // K_TILES
+                    acc += tl.load(partial_ptr + q_slot * (BLOCK_M * BLOCK_N) + tile_offsets, mask=mask, other=0.0)
+                _store_output(acc, alpha_ptr, bias_ptr, out_ptr, rows[:, None] * N + cols[None, :], cols, mask, N,
+                              IS_MXFP4, HAS_BIAS)
+                tl.atomic_xchg(counter_ptr + tile, 0)
+        unit += k_last - k_first
 
 
 @triton.jit
@@ -226,6 +253,18 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _programs(tiles: int, k_tiles: int, wanted: int) -> int:
+    """How many programs share the (tile, K tile) units. With fewer tiles than ``wanted``, K is
+    split evenly: each program then owns one run of K tiles of one tile (one pipeline fill, as in
+    classic split-K). With more, ``wanted`` programs take equal shares (stream-K): every SM gets
+    the same work, where one program per tile would leave some SMs with one tile and others two."""
+    if tiles >= wanted:
+        return wanted
+    splits = max(1, wanted // tiles)
+    splits = triton.cdiv(k_tiles, triton.cdiv(k_tiles, splits))  # runs of equal length
+    return tiles * splits
+
+
 _SPLIT_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -262,19 +301,19 @@ def fp4_gemm(
     cfg = config or choose_config(m, n, k)
     on_gpu = a.device.type == "cuda"
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    grid_mn = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    # Split K when the output tiles alone cannot fill the GPU (decode-sized M).
-    wanted = cfg.programs_per_sm * _multiprocessors(a.device)
-    splits = max(1, min(wanted // grid_mn, triton.cdiv(k, cfg.block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(k, k_per_split)
-    partial = torch.empty((splits, m, n), dtype=torch.float32, device=a.device) if splits > 1 else out
-    counters = _split_counters(a.device, grid_mn) if splits > 1 else out
+    tiles_n = triton.cdiv(n, cfg.block_n)
+    tiles = triton.cdiv(m, cfg.block_m) * tiles_n
+    k_tiles = triton.cdiv(k, cfg.block_k)
+    units = tiles * k_tiles
+    programs = _programs(tiles, k_tiles, cfg.programs_per_sm * _multiprocessors(a.device))
+    max_segments = triton.cdiv(triton.cdiv(units, programs), k_tiles) + 1
+    partial = torch.empty((programs * max_segments, cfg.block_m, cfg.block_n), dtype=torch.float32, device=a.device)
+    counters = _split_counters(a.device, tiles)
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
-    _fp4_gemm_kernel[(triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), splits)](
+    _fp4_gemm_kernel[(programs,)](
         a, w_packed, w_scales, alpha, bias_arg, out, partial, counters,
-        m, n, k, k // 2, k // spec.group_size, a.stride(0), k_per_split,
-        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None, SPLIT_K=splits > 1,
+        m, n, k, k // 2, k // spec.group_size, a.stride(0), tiles_n, k_tiles, units, max_segments,
+        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None,
         EVEN_K=k % cfg.block_k == 0, SCALE_WORDS=_scale_words(k, cfg.block_k, spec.group_size),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_ASM=on_gpu, DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32,
