@@ -264,10 +264,10 @@ def test_dequantize_kernel_matches_the_reference_bit_for_bit(fmt: str, rng: torc
 def test_dequantize_linear_writes_each_chunk_into_its_columns(monkeypatch, rng: torch.Generator):
     from fp4compile.kernels.triton import dequantize as dequantize_module
 
-    monkeypatch.setattr(dequantize_module, "CHUNK_ELEMENTS", 10 * 64)  # 10 rows per chunk: 5 chunks
-    w = quantize(torch.randn(48, 64, generator=rng).to(DEVICE), "nvfp4")
+    monkeypatch.setattr(dequantize_module, "CHUNK_ELEMENTS", 200 * 64)  # 128 rows per chunk: 3 chunks
+    w = quantize(torch.randn(300, 64, generator=rng).to(DEVICE), "nvfp4")
     x = torch.randn(7, 64, generator=rng).to(DEVICE)
-    bias = torch.randn(48, generator=rng).to(DEVICE)
+    bias = torch.randn(300, generator=rng).to(DEVICE)
     y = dequantize_module.dequantize_linear(x, w.packed, w.scales, w.global_scale, bias, "nvfp4")
     ref = x.double() @ dequantize(w, torch.float64).T + bias.double()
     assert relative_error(y, ref) < 1e-6  # float32 here: only the weight x global scale is rounded

@@ -68,7 +68,9 @@ def dequantize_linear(a: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.T
     m, k = a.shape
     n = w_packed.shape[0]
     out = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // k)
+    # Chunks of whole 128-row blocks: an output column slice that starts off a 16-byte boundary
+    # sends cuBLAS to kernels 6-7x slower (measured).
+    rows_per_chunk = max(128, CHUNK_ELEMENTS // k // 128 * 128)
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
         weight = fp4_dequantize(w_packed[start:stop], w_scales[start:stop], alpha, fmt, a.dtype)
