@@ -19,6 +19,9 @@ from fp4compile.kernels.triton import codecs  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = ("mxfp4", "nvfp4")
 SHAPES = json.loads((Path(__file__).parents[1] / "benchmarks" / "shapes.json").read_text())["linear"]
+GEMM_TOLERANCE = 1e-5 if DEVICE == "cpu" else 1e-2
+"""Relative L2 error of GEMMs against fp64: float32 tiles in the interpreter; on the GPU bf16
+operands (W4A16 rounds float32 activations to bf16) and, on the fp8 path, a bf16 output."""
 
 
 @pytest.fixture(autouse=True)
@@ -140,13 +143,13 @@ def test_stream_k_partitions_sum_every_unit_once(fmt: str, m: int, n: int, k: in
     counters are reset by each tile's last program)."""
     from fp4compile.kernels.triton.gemm import GemmConfig, fp4_gemm
 
-    config = GemmConfig(16 if m <= 16 else 32, 32, 32 if fmt == "mxfp4" else 16, 4, 2, programs_per_sm)
+    config = GemmConfig(16 if m <= 16 else 32, 32, 32, 4, 2, programs_per_sm)
     w = quantize(torch.randn(n, k, generator=rng).to(DEVICE), fmt)
     x = torch.randn(m, k, generator=rng).to(DEVICE)
     bias = torch.randn(n, generator=rng).to(DEVICE)
     y = fp4_gemm(x, w.packed, w.scales, w.global_scale, bias, fmt, torch.float32, config)
     ref = x.double() @ dequantize(w, torch.float64).T + bias.double()
-    assert relative_error(y, ref) < 1e-5
+    assert relative_error(y, ref) < GEMM_TOLERANCE  # a unit summed twice or missed is ~10x that
     assert torch.equal(y, fp4_gemm(x, w.packed, w.scales, w.global_scale, bias, fmt, torch.float32, config))
 
 
@@ -316,4 +319,4 @@ def test_fp8_weight_conversion_and_linear(rng: torch.Generator):
     bias = torch.randn(48, generator=rng).to(DEVICE)
     y = fp8_linear(x, w.packed, w.scales, bias, torch.float32)
     ref = dequantize(quantize(x, "mxfp4"), torch.float64) @ dequantize(w, torch.float64).T + bias.double()
-    assert relative_error(y, ref) < 1e-5
+    assert relative_error(y, ref) < GEMM_TOLERANCE
