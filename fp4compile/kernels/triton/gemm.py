@@ -194,7 +194,9 @@ def _fp4_gemm_kernel(
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for q in range(first, first + contributors):
                     q_slot = q * MAX_SEGMENTS + tile - _first_unit(q, UNITS, programs) // K_TILES
-                    acc += tl.load(partial_ptr + q_slot * (BLOCK_M * BLOCK_N) + tile_offsets, mask=mask, other=0.0)
+                    # .cg: read from L2, never from a line this SM's L1 kept from an earlier call.
+                    acc += tl.load(partial_ptr + q_slot * (BLOCK_M * BLOCK_N) + tile_offsets, mask=mask, other=0.0,
+                                   cache_modifier=".cg")
                 _store_output(acc, alpha_ptr, bias_ptr, out_ptr, rows[:, None] * N + cols[None, :], cols, mask, N,
                               IS_MXFP4, HAS_BIAS)
                 tl.atomic_xchg(counter_ptr + tile, 0)
