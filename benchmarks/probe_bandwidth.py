@@ -38,7 +38,7 @@ def main() -> None:
         copy_src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         copy_dst = torch.empty_like(copy_src)
         t = time_ms(lambda i: copy_dst.copy_(copy_src), 1, True)
-        print(f"{n}x{k}: device copy {2 * nbytes / t / 1e9:.0f} GB/s (read + write)")
+        print(f"{n}x{k}: device copy {2 * nbytes / (t * 1e-3) / 1e9:.0f} GB/s (read + write)")
         for block_n, block_bytes, stages, warps in ((128, 64, 4, 4), (64, 128, 3, 4), (32, 256, 3, 4), (16, 512, 3, 4),
                                                     (8, 1024, 3, 4), (64, 128, 5, 4), (128, 128, 3, 8)):
             for per_sm in (2, 4):
@@ -52,7 +52,7 @@ def main() -> None:
                                                              num_warps=warps)
                 t = time_ms(run, 2, True)
                 print(f"  rows {block_n:>3} x {block_bytes:>4} B, {stages} stages, {warps} warps, {splits:>3} splits "
-                      f"({tiles * splits / sms:.1f} programs/SM): {nbytes / t / 1e9:.0f} GB/s", flush=True)
+                      f"({tiles * splits / sms:.1f} programs/SM): {nbytes / (t * 1e-3) / 1e9:.0f} GB/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def large_m_paths(m: int, n: int, k: int, x: torch.Tensor, weights: list[torch.T
                        len(qs), graph)
         t_fq = time_ms(lambda i: fp4_fake_quantize(x, fmt, None, torch.bfloat16), 1, graph)
         print(f"M={m} {n}x{k} {fmt} W4A16 dequantize+cublas: {bf16 / t:.2f}x (dequantize alone {t_dq * 1e3:.0f} us, "
-              f"{n * k * 2.53 / t_dq / 1e9:.0f} GB/s; activation fake-quant {t_fq * 1e3:.0f} us, bf16 {bf16 * 1e3:.0f} us)",
+              f"{n * k * 2.53 / (t_dq * 1e-3) / 1e9:.0f} GB/s; activation fake-quant {t_fq * 1e3:.0f} us, bf16 {bf16 * 1e3:.0f} us)",
               flush=True)
     qs = [quantize(weights[i % len(weights)], "mxfp4") for i in range(rotation(n * k // 2))]
     y = fp8_linear(x, qs[0].packed, qs[0].scales, None, torch.bfloat16)

@@ -56,12 +56,13 @@ def report(model: nn.Module) -> str:
     records = layer_records(model)
     if not records:
         return "fp4compile: no linear layers were found in the compiled graphs (has the model run once?)"
-    lines = [f"{'layer':<44} {'shape':>12} {'format':>6} {'mode':>5} {'implementation':>16} {'bytes':>22}"]
+    width = max([len("implementation")] + [len(r.implementation) for r in records])
+    lines = [f"{'layer':<44} {'shape':>12} {'format':>6} {'mode':>5} {'implementation':>{width}} {'bytes':>22}"]
     for r in records:
         shape = "x".join(map(str, r.shape))
         if r.skipped is None:
             size = f"{r.bytes_before:,} -> {r.bytes_after:,}"
-            lines.append(f"{r.name:<44} {shape:>12} {r.fmt:>6} {r.act_mode:>5} {r.implementation:>16} {size:>22}")
+            lines.append(f"{r.name:<44} {shape:>12} {r.fmt:>6} {r.act_mode:>5} {r.implementation:>{width}} {size:>22}")
         else:
             lines.append(f"{r.name:<44} {shape:>12}  kept: {r.skipped}")
     lines.append(summary(records))

@@ -158,6 +158,8 @@ def test_ops_dispatch_to_the_kernels_on_cuda_only():
 
     assert implementation_for(torch.device("cpu")) == "torch (reference)"
     assert implementation_for(torch.device("cuda")) == "triton"
+    assert implementation_for(torch.device("cuda"), "mxfp4", "fp4") == "triton: M<=128 fp4-gemm, else fp8"
+    assert implementation_for(torch.device("cuda"), "nvfp4", "fp4") == "triton: M<=128 fp4-gemm, else dequantize+cublas"
 
 
 @pytest.mark.cuda
@@ -171,7 +173,7 @@ def test_quantize_kernel_on_gpu_at_real_sizes(fmt: str, m: int, rng: torch.Gener
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("act_mode", ["none", "fp4"])
-@pytest.mark.parametrize("m", [1, 5, 16, 127, 129, 4096])
+@pytest.mark.parametrize("m", [1, 5, 16, 127, 128, 129, 4096])
 def test_linear_kernel_on_gpu_at_real_sizes(fmt: str, act_mode: str, m: int, rng: torch.Generator):
     for model, layers in SHAPES.items():
         n, k = layers["o"] if m == 4096 else layers["qkv"]  # keep the large-M cases affordable

@@ -76,7 +76,7 @@ class LinearPass:
         record_layer(
             weight,
             LayerRecord(name, shape, stored.original_bytes, stored.quantized_bytes,
-                        config.format, config.act_mode, implementation_for(weight.device)),
+                        config.format, config.act_mode, implementation_for(weight.device, config.format, config.act_mode)),
         )
 
 

@@ -24,6 +24,11 @@ LARGE_M = 128
 faster from M=256 on (``benchmarks/RESULTS.md``)."""
 
 
+def kernel_plan(fmt: str, act_mode: str) -> str:
+    """Which kernel runs at which M for this format and mode, e.g. for the layer report."""
+    return f"M<={LARGE_M} {kernel_for(1, fmt, act_mode)}, else {kernel_for(LARGE_M + 1, fmt, act_mode)}"
+
+
 def kernel_for(m: int, fmt: str, act_mode: str) -> str:
     """The kernel that ``fp4_linear`` runs for ``m`` rows (shown in the layer report)."""
     if m > LARGE_M:
