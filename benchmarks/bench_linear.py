@@ -148,7 +148,8 @@ def main() -> None:
     print("\nGeometric mean of the ratio to bf16 (>1: faster); kernel = what fp4::linear runs at that M")
     print("| M | timing | kernel (W4A16 / MXFP4 W4A4) | " + " | ".join(titles) + " |\n|---|---|---|" + "|---" * len(columns) + "|")
     for (m, timing), per in sorted(ratios.items()):
-        kernels = f"{kernel_for(m, 'nvfp4', 'none')} / {kernel_for(m, 'mxfp4', 'fp4')}"
+        cuda = torch.device("cuda")
+        kernels = f"{kernel_for(m, 'nvfp4', 'none', cuda)} / {kernel_for(m, 'mxfp4', 'fp4', cuda)}"
         print(f"| {m} | {timing} | {kernels} | " + " | ".join(f"{geomean(per[c]):.2f}x" for c in columns) + " |")
     if not args.skip_quantize:
         quantize_bandwidth()

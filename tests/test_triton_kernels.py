@@ -158,8 +158,18 @@ def test_ops_dispatch_to_the_kernels_on_cuda_only():
 
     assert implementation_for(torch.device("cpu")) == "torch (reference)"
     assert implementation_for(torch.device("cuda")) == "triton"
-    assert implementation_for(torch.device("cuda"), "mxfp4", "fp4") == "triton: M<=128 fp4-gemm, else fp8"
-    assert implementation_for(torch.device("cuda"), "nvfp4", "fp4") == "triton: M<=128 fp4-gemm, else dequantize+cublas"
+
+
+@pytest.mark.parametrize(("capability", "mxfp4_w4a4_prefill"), [((9, 0), "fp8"), ((8, 0), "dequantize+cublas")])
+def test_layer_report_names_the_kernel_per_m_bucket(monkeypatch, capability, mxfp4_w4a4_prefill):
+    """fp8 prefill only where the GPU has fp8 tensor cores (compute capability 8.9 and up)."""
+    from fp4compile.ops.implementations import implementation_for
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert implementation_for(cuda, "mxfp4", "fp4") == f"triton: M<=128 fp4-gemm, else {mxfp4_w4a4_prefill}"
+    for fmt, act_mode in (("mxfp4", "none"), ("nvfp4", "fp4"), ("nvfp4", "none")):
+        assert implementation_for(cuda, fmt, act_mode) == "triton: M<=128 fp4-gemm, else dequantize+cublas"
 
 
 @pytest.mark.cuda
@@ -319,6 +329,35 @@ def test_fp8_weight_conversion_and_linear(rng: torch.Generator):
     torch.testing.assert_close(decode_e4m3_bytes(q) * row_scale.cpu()[:, None], dequantize(w).cpu(), rtol=0, atol=0)
     x = torch.randn(5, 160, generator=rng).to(DEVICE)
     bias = torch.randn(48, generator=rng).to(DEVICE)
-    y = fp8_linear(x, w.packed, w.scales, bias, torch.float32)
-    ref = dequantize(quantize(x, "mxfp4"), torch.float64) @ dequantize(w, torch.float64).T + bias.double()
+    global_scale = torch.tensor(0.75, device=DEVICE)  # the op takes any weight global scale
+    y = fp8_linear(x, w.packed, w.scales, global_scale, bias, torch.float32)
+    ref = dequantize(quantize(x, "mxfp4"), torch.float64) @ (dequantize(w, torch.float64).T * 0.75) + bias.double()
     assert relative_error(y, ref) < GEMM_TOLERANCE
+
+
+@pytest.mark.parametrize("m", [5, 300])  # 300: the prefill paths on the GPU (fp8 for MXFP4 W4A4)
+def test_linear_with_odd_n_noncontiguous_weights_and_empty_outputs(m: int, rng: torch.Generator):
+    """N = 100 (not a multiple of 16: torch._scaled_mm refuses it, the Triton fp8 GEMM takes it),
+    weights and scales as strided views, a zero-width weight."""
+    for fmt in FORMATS:
+        wide = quantize(torch.randn(100, 320, generator=rng).to(DEVICE), fmt)
+        packed, scales = wide.packed[:, :80], wide.scales[:, : 160 // get_format(fmt).group_size]  # K = 160, strided
+        from fp4compile.formats import QuantizedTensor
+        w = QuantizedTensor(packed, scales, wide.global_scale, fmt)
+        x = torch.randn(m, 160, generator=rng).to(torch.bfloat16).to(DEVICE)
+        for act_mode in ("none", "fp4"):
+            y = triton_kernels.fp4_linear(x, w.packed, w.scales, w.global_scale, None, None, fmt, act_mode)
+            a = dequantize(quantize(x, fmt), torch.float64) if act_mode == "fp4" else x.double()
+            assert relative_error(y, a @ dequantize(w, torch.float64).T) < 1e-2
+        empty = triton_kernels.fp4_linear(x, w.packed[:0], w.scales[:0], w.global_scale, None, None, fmt, "none")
+        assert empty.shape == (m, 0)
+
+
+def test_mxfp4_row_of_smallest_scales_is_not_flushed(rng: torch.Generator):
+    """A weight row whose e8m0 scales are all byte 0 (2**-127): its values are tiny but nonzero."""
+    w = quantize(torch.randn(48, 64, generator=rng).to(DEVICE), "mxfp4")
+    w.scales[3] = 0
+    x = torch.full((1, 64), 2.0**100, device=DEVICE)
+    y = triton_kernels.fp4_linear(x, w.packed, w.scales, w.global_scale, None, None, "mxfp4", "none")
+    ref = x.double() @ dequantize(w, torch.float64).T
+    assert ref[0, 3] != 0 and relative_error(y[:, 3:4], ref[:, 3:4]) < GEMM_TOLERANCE

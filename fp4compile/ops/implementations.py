@@ -19,4 +19,4 @@ def implementation_for(device: torch.device, fmt: str | None = None, act_mode: s
         return TRITON
     from ..kernels.triton.linear import kernel_plan
 
-    return f"{TRITON}: {kernel_plan(fmt, act_mode)}"
+    return f"{TRITON}: {kernel_plan(fmt, act_mode, device)}"

@@ -63,8 +63,9 @@ def dequantize_linear(a: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.T
                       bias: torch.Tensor | None, fmt: str) -> torch.Tensor:
     """``alpha * (a @ w.T) + bias`` through cuBLAS, for large M. a: (M, K) bf16; alpha: 0-dim float32
     device tensor. The fp4 weight is dequantized CHUNK_ELEMENTS at a time with ``alpha`` folded in
-    (``e2m1 * block_scale * alpha`` rounded once to bf16; exact when alpha is 1, as for MXFP4 W4A16),
-    and each chunk's product (bias included) is written into its columns of the bf16 output."""
+    (``e2m1 * block_scale * alpha`` formed in float32, then rounded to bf16; exact when alpha is 1,
+    as for MXFP4 W4A16), and each chunk's product (bias included) is written into its columns of
+    the bf16 output."""
     m, k = a.shape
     n = w_packed.shape[0]
     out = torch.empty((m, n), dtype=a.dtype, device=a.device)

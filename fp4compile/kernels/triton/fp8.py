@@ -192,31 +192,31 @@ def _has_rowwise_scaled_mm(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def fp8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, bias: torch.Tensor | None,
-               out_dtype: torch.dtype) -> torch.Tensor:
-    """MXFP4 W4A4 ``x @ w.T + bias`` through e4m3 tensor cores (x (M, K), unit column stride).
+def fp8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, w_global_scale: torch.Tensor,
+               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4 W4A4 ``x @ w.T * w_global_scale + bias`` through e4m3 tensor cores (x (M, K), unit
+    column stride; the activation's MXFP4 global scale is 1).
 
     Both operands are converted per call (two Triton kernels), then multiplied by
-    ``torch._scaled_mm`` with per-row scales (PyTorch's CUTLASS fp8 GEMM, which accumulates in
-    float32) where the GPU has it, else by ``_fp8_gemm_kernel``."""
+    ``torch._scaled_mm`` with per-row scales (PyTorch's CUTLASS fp8 GEMM, float32 accumulation)
+    where the GPU has it and the call fits its contract (bf16 output, N a multiple of 16), else
+    by ``_fp8_gemm_kernel``."""
     m, k = x.shape
     n = w_packed.shape[0]
     a, a_scale = mxfp4_activation_to_fp8(x)
     b, b_scale = mxfp4_weight_to_fp8(w_packed, w_scales)
-    if _has_rowwise_scaled_mm(x.device):
+    if _has_rowwise_scaled_mm(x.device) and out_dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0:
         e4m3 = torch.float8_e4m3fn
-        out = torch._scaled_mm(a.view(e4m3), b.view(e4m3).t(), scale_a=a_scale[:, None], scale_b=b_scale[None, :],
+        scale_b = (b_scale * w_global_scale.reshape(()))[None, :]
+        out = torch._scaled_mm(a.view(e4m3), b.view(e4m3).t(), scale_a=a_scale[:, None], scale_b=scale_b,
                                out_dtype=torch.bfloat16)
-        if bias is not None:
-            out.add_(bias)
-        return out.to(out_dtype)
+        return out.add_(bias) if bias is not None else out
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     on_gpu = x.device.type == "cuda"
     block_m, block_n, block_k = (128, 128, 128) if on_gpu else (16, 32, 32)
-    alpha = torch.ones((), dtype=torch.float32, device=x.device)  # MXFP4's global scales are 1
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _fp8_gemm_kernel[grid](
-        a, b, a_scale, b_scale, alpha, bias if bias is not None else out, out, m, n, k,
+        a, b, a_scale, b_scale, w_global_scale.reshape(()), bias if bias is not None else out, out, m, n, k,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         DOT_DTYPE=tl.float8e4nv if on_gpu else tl.float32, num_warps=8 if on_gpu else 4, num_stages=3,
     )

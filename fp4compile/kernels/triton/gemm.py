@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
-from .codecs import check_offsets, decode_e2m1_pairs
+from .codecs import decode_e2m1_pairs
 
 _TWO_POW_119 = tl.constexpr(2.0**119)
 
@@ -142,14 +142,14 @@ def _first_unit(program, UNITS, PROGRAMS):
 def _fp4_gemm_kernel(
     x_ptr, w_ptr, s_ptr, alpha_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
     M, N, K, HALF_K, K_GROUPS, stride_xm, TILES_N, K_TILES, UNITS,
-    MAX_SEGMENTS, GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Stream-K: this program's share of the (output tile, K tile) units, in order. Each run of
     units within one output tile is a segment; a segment covering the whole K range writes the
-    output, others add up through ``partial_ptr`` (one (BLOCK_M, BLOCK_N) slot per program and
-    segment): the last program of a tile to arrive (counted on ``counter_ptr``, which it resets)
+    output, others add up through ``partial_ptr`` (two (BLOCK_M, BLOCK_N) slots per program: only
+    its first and last segments can cover part of a tile): the last program of a tile to arrive (counted on ``counter_ptr``, which it resets)
     sums its contributors' slots in program order (deterministic) and writes the output."""
     programs = tl.num_programs(0)
     program = tl.program_id(0)
@@ -165,9 +165,10 @@ def _fp4_gemm_kernel(
         # Rows past N read row N - 1 (valid memory, results never stored): no mask on the weight loads.
         w_rows = tl.minimum(cols, N - 1)
         if IS_MXFP4:
-            exponent = _row_max_exponent(s_ptr, w_rows, k_first * (BLOCK_K // GROUP),
-                                         tl.minimum(k_last * (BLOCK_K // GROUP), K_GROUPS), K_GROUPS, BLOCK_N, 64,
-                                         SCALE_WORDS)
+            # At least 1: a row whose scales are all 2**-127 (byte 0) still has 2**(e - 127) normal.
+            exponent = tl.maximum(_row_max_exponent(s_ptr, w_rows, k_first * (BLOCK_K // GROUP),
+                                                    tl.minimum(k_last * (BLOCK_K // GROUP), K_GROUPS), K_GROUPS,
+                                                    BLOCK_N, 64, SCALE_WORDS), 1)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(k_first, k_last):
             acc = _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent if IS_MXFP4 else 0, kt * BLOCK_K, M, K,
@@ -183,7 +184,7 @@ def _fp4_gemm_kernel(
             _store_output(acc, alpha_ptr, bias_ptr, out_ptr, rows[:, None] * N + cols[None, :], cols, mask, N,
                           IS_MXFP4, HAS_BIAS)
         else:
-            slot = program * MAX_SEGMENTS + tile - first_tile
+            slot = program * 2 + (tile != first_tile)  # only a first and a last segment can be partial
             tl.store(partial_ptr + slot * (BLOCK_M * BLOCK_N) + tile_offsets, acc, mask=mask)
             # Every thread's partial store precedes the release; the last program of the tile sums.
             tl.debug_barrier()
@@ -193,7 +194,7 @@ def _fp4_gemm_kernel(
             if arrived == contributors - 1:
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 for q in range(first, first + contributors):
-                    q_slot = q * MAX_SEGMENTS + tile - _first_unit(q, UNITS, programs) // K_TILES
+                    q_slot = q * 2 + (tile != _first_unit(q, UNITS, programs) // K_TILES)
                     # .cg: read from L2, never from a line this SM's L1 kept from an earlier call.
                     acc += tl.load(partial_ptr + q_slot * (BLOCK_M * BLOCK_N) + tile_offsets, mask=mask, other=0.0,
                                    cache_modifier=".cg")
@@ -232,7 +233,7 @@ class GemmConfig:
 def choose_config(m: int, n: int, k: int) -> GemmConfig:
     """The configuration for an (M, N, K) problem, by M bucket: the best of a sweep on an H200
     (``benchmarks/tune_linear.py``, recorded in ``benchmarks/RESULTS.md``)."""
-    block_k = min(128, triton.next_power_of_2(k))
+    block_k = max(32, min(128, triton.next_power_of_2(k)))  # each of the two dots takes BLOCK_K / 2 >= 16
     if m <= 16:
         return GemmConfig(16, 128, block_k, num_warps=4, num_stages=4)
     if m <= 32:
@@ -267,14 +268,26 @@ def _programs(tiles: int, k_tiles: int, wanted: int) -> int:
     return tiles * splits
 
 
+@functools.cache
+def _has_bf16x2_multiply(device: torch.device) -> bool:
+    """Whether the inline-asm decode can run (``mul.rn.bf16x2``: sm_90 and up); older GPUs decode
+    with the pure-Triton twin (float32 arithmetic, the same values)."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 _SPLIT_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for split-K tiles, kept per (device, stream) and reused: every
-    launch leaves them zero again (the last program of a tile resets its counter), so they are
-    allocated once, not per call. Kernels on one stream run in order, so they never share a counter
-    at the same time; another stream gets its own."""
+    """Zeroed int32 arrival counters, one per output tile.
+
+    Outside CUDA-graph capture they are kept per (device, stream) and reused: every launch leaves
+    them zero again (the last program of a tile resets its counter), and kernels on one stream run
+    in order, so they are allocated once, not per call. During a capture they are allocated per
+    call (a memset node in the graph): counters kept across captures could be first used by a
+    graph whose replay comes before the one that captured their zeroing."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     counters = _SPLIT_COUNTERS.get((device, stream))
     if counters is None or counters.numel() < tiles:
@@ -303,22 +316,23 @@ def fp4_gemm(
     cfg = config or choose_config(m, n, k)
     on_gpu = a.device.type == "cuda"
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    # Scale bytes are read as 32-bit words when every K tile's are whole and aligned.
+    scale_words = _scale_words(k, cfg.block_k, spec.group_size) and w_scales.data_ptr() % 4 == 0
     tiles_n = triton.cdiv(n, cfg.block_n)
     tiles = triton.cdiv(m, cfg.block_m) * tiles_n
     k_tiles = triton.cdiv(k, cfg.block_k)
     units = tiles * k_tiles
     programs = _programs(tiles, k_tiles, cfg.programs_per_sm * _multiprocessors(a.device))
-    max_segments = triton.cdiv(triton.cdiv(units, programs), k_tiles) + 1
-    partial = torch.empty((programs * max_segments, cfg.block_m, cfg.block_n), dtype=torch.float32, device=a.device)
+    partial = torch.empty((programs * 2, cfg.block_m, cfg.block_n), dtype=torch.float32, device=a.device)
     counters = _split_counters(a.device, tiles)
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     _fp4_gemm_kernel[(programs,)](
         a, w_packed, w_scales, alpha, bias_arg, out, partial, counters,
-        m, n, k, k // 2, k // spec.group_size, a.stride(0), tiles_n, k_tiles, units, max_segments,
+        m, n, k, k // 2, k // spec.group_size, a.stride(0), tiles_n, k_tiles, units,
         GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None,
-        EVEN_K=k % cfg.block_k == 0, SCALE_WORDS=_scale_words(k, cfg.block_k, spec.group_size),
+        EVEN_K=k % cfg.block_k == 0, SCALE_WORDS=scale_words,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_ASM=on_gpu, DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32,
+        USE_ASM=on_gpu and _has_bf16x2_multiply(a.device), DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

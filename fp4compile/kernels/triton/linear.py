@@ -21,19 +21,22 @@ from .quantize import fp4_fake_quantize
 
 LARGE_M = 128
 """Above this many rows the compute-bound paths (fp8, or dequantize + cuBLAS) take over: measured
-faster from M=256 on (``benchmarks/RESULTS.md``)."""
+faster at M=256, 512 and 4096 (``benchmarks/RESULTS.md``; between 128 and 256 not measured)."""
 
 
-def kernel_plan(fmt: str, act_mode: str) -> str:
-    """Which kernel runs at which M for this format and mode, e.g. for the layer report."""
-    return f"M<={LARGE_M} {kernel_for(1, fmt, act_mode)}, else {kernel_for(LARGE_M + 1, fmt, act_mode)}"
+def kernel_plan(fmt: str, act_mode: str, device: torch.device) -> str:
+    """Which kernel runs at which M for this format and mode on ``device`` (for the layer report)."""
+    return f"M<={LARGE_M} {kernel_for(1, fmt, act_mode, device)}, else {kernel_for(LARGE_M + 1, fmt, act_mode, device)}"
 
 
-def kernel_for(m: int, fmt: str, act_mode: str) -> str:
-    """The kernel that ``fp4_linear`` runs for ``m`` rows (shown in the layer report)."""
-    if m > LARGE_M:
-        return "fp8" if (get_format(fmt) is MXFP4 and act_mode == "fp4") else "dequantize+cublas"
-    return "fp4-gemm"
+def kernel_for(m: int, fmt: str, act_mode: str, device: torch.device) -> str:
+    """The kernel that ``fp4_linear`` runs for ``m`` rows on ``device``: fp8 needs fp8 tensor cores
+    (compute capability 8.9 and up)."""
+    if m <= LARGE_M:
+        return "fp4-gemm"
+    if get_format(fmt) is MXFP4 and act_mode == "fp4" and torch.cuda.get_device_capability(device) >= (8, 9):
+        return "fp8"
+    return "dequantize+cublas"
 
 
 def fp4_linear(
@@ -55,11 +58,14 @@ def fp4_linear(
     m = rows.shape[0]
     check_offsets(m, max(k, n, rows.stride(0)))
     check_offsets(n, k)
-    if m == 0:
-        return x.new_empty((*lead, n))
-    kernel = kernel_for(m, fmt, act_mode) if x.device.type == "cuda" else "fp4-gemm"
+    if m == 0 or n == 0:
+        return x.new_zeros((*lead, n))
+    # The kernels index weights, scales and bias as dense row-major arrays (no copy when they are).
+    w_packed, w_scales = w_packed.contiguous(), w_scales.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    kernel = kernel_for(m, fmt, act_mode, x.device) if x.device.type == "cuda" else "fp4-gemm"
     if kernel == "fp8":
-        return fp8_linear(rows, w_packed, w_scales, bias, x.dtype).reshape(*lead, n)
+        return fp8_linear(rows, w_packed, w_scales, w_global_scale, bias, x.dtype).reshape(*lead, n)
     dot_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
     if act_mode == "fp4":
         rows, a_gs = fp4_fake_quantize(rows, fmt, act_global_scale, dot_dtype)
