@@ -41,6 +41,7 @@ from .codecs import decode_e2m1_pairs
 
 _TWO_POW_119 = tl.constexpr(2.0**119)
 
+
 @triton.jit
 def _exp2_int(e):
     """2**e as float32 for integer tensors e in [-126, 127] (built from the exponent bits: exact)."""
