@@ -67,6 +67,22 @@ def decode_e2m1(code):
 
 
 @triton.jit
+def exp2_int(e):
+    """2**e as float32 for integer tensors e in [-149, 127], float32 subnormals included (exact:
+    built from the exponent bits); 0 below."""
+    normal = ((tl.maximum(e, -126) + 127) << 23).to(tl.float32, bitcast=True)
+    subnormal = (1 << tl.minimum(tl.maximum(e + 149, 0), 22)).to(tl.float32, bitcast=True)
+    return tl.where(e >= -126, normal, tl.where(e >= -149, subnormal, 0.0))
+
+
+@triton.jit
+def mxfp4_spec_exponent(amax_bits):
+    """The MXFP4 ``spec`` scale exponent ``floor(log2(amax)) - 2``, clamped to e8m0's [-127, 127],
+    from the int32 bits of a block's largest magnitude (as ``formats.mxfp4.spec_exponent``)."""
+    return tl.minimum(tl.maximum(((amax_bits >> 23) & 0xFF) - 127 - 2, -127), 127)
+
+
+@triton.jit
 def e8m0_value(byte):
     """e8m0 scale bytes (int32) -> fp32 2**(byte - 127); byte 0 is 2**-127, 255 gives inf (the
     reference's divisor for a NaN scale, whose codes are then 0 / -0)."""

@@ -41,8 +41,9 @@ def _dequantize_kernel(packed_ptr, scales_ptr, gs_ptr, out_ptr, R, K,
 
 def fp4_dequantize(packed: torch.Tensor, scales: torch.Tensor, global_scale: torch.Tensor, fmt: str,
                    dtype: torch.dtype) -> torch.Tensor:
-    """Triton version of ``fp4::dequantize``: (..., K/2) packed -> (..., K) ``dtype`` values, exactly
-    the reference's float32 ``e2m1 * block_scale * global_scale`` rounded once to ``dtype``."""
+    """(..., K/2) packed -> (..., K) ``dtype`` values: the reference ``dequantize``'s float32
+    ``e2m1 * block_scale * global_scale`` rounded once to ``dtype`` (the op ``fp4::dequantize``
+    still runs the reference; this serves ``dequantize_linear``)."""
     spec = get_format(fmt)
     *lead, half_k = packed.shape
     k = 2 * half_k

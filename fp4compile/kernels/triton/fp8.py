@@ -20,18 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .codecs import check_offsets, decode_e2m1, e4m3_value, encode_e4m3, round_to_e2m1
+from .codecs import (
+    check_offsets, decode_e2m1, e4m3_value, encode_e4m3, exp2_int, mxfp4_spec_exponent, round_to_e2m1,
+)
 
 E4M3_HEADROOM = tl.constexpr(6)
 """The row's largest group maps to 2**6 times its e2m1 values: 6 * 2**6 = 384 <= 448."""
-
-
-@triton.jit
-def _exp2_wide(e):
-    """2**e as float32 for integer tensors e in [-149, 127], float32 subnormals included (exact)."""
-    normal = ((tl.maximum(e, -126) + 127) << 23).to(tl.float32, bitcast=True)
-    subnormal = (1 << tl.minimum(tl.maximum(e + 149, 0), 22)).to(tl.float32, bitcast=True)
-    return tl.where(e >= -126, normal, tl.where(e >= -149, subnormal, 0.0))
 
 
 @triton.jit
@@ -44,12 +38,6 @@ def _to_e4m3_bytes(values, HW_CVT: tl.constexpr):
     else:
         sign = (values.to(tl.int32, bitcast=True) >> 24) & 0x80
         return (encode_e4m3(tl.abs(values)) | tl.where(values != values, 0, sign)).to(tl.uint8)
-
-
-@triton.jit
-def _group_exponent(magnitude_bits):
-    """MXFP4 spec exponent ``floor(log2(amax)) - 2`` (clamped to e8m0) from the largest |x| bits."""
-    return tl.minimum(tl.maximum(((magnitude_bits >> 23) & 0xFF) - 127 - 2, -127), 127)
 
 
 @triton.jit
@@ -68,17 +56,17 @@ def _activation_to_fp8_kernel(x_ptr, q_ptr, row_scale_ptr, K, stride_xm, BLOCK_K
         x = tl.load(x_ptr + row * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         largest = tl.maximum(largest, tl.where(bits < 0x7F800000, bits, 0))  # finite values only
-    base = _group_exponent(tl.max(largest, axis=0))
-    tl.store(row_scale_ptr + row, _exp2_wide(base - E4M3_HEADROOM))
+    base = mxfp4_spec_exponent(tl.max(largest, axis=0))
+    tl.store(row_scale_ptr + row, exp2_int(base - E4M3_HEADROOM))
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + row * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
         blocks = tl.reshape(x, (GROUPS, 32))
         block_bits = tl.max(blocks.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
-        exponent = _group_exponent(block_bits)
+        exponent = mxfp4_spec_exponent(block_bits)
         # x * 2**-e is x / 2**e exactly (e <= 125 for finite x, so 2**-e is a normal float).
-        rounded = round_to_e2m1(blocks * _exp2_wide(-exponent)[:, None])
-        values = rounded * _exp2_wide(exponent - base + E4M3_HEADROOM)[:, None]
+        rounded = round_to_e2m1(blocks * exp2_int(-exponent)[:, None])
+        values = rounded * exp2_int(exponent - base + E4M3_HEADROOM)[:, None]
         values = tl.where((block_bits >= 0x7F800000)[:, None], float("nan"), values)
         tl.store(q_ptr + row * K + ks, tl.reshape(_to_e4m3_bytes(values, HW_CVT), (BLOCK_K,)), mask=ks < K)
 
@@ -100,7 +88,7 @@ def _weight_to_fp8_kernel(packed_ptr, scales_ptr, q_ptr, row_scale_ptr, N, K,
         largest = tl.maximum(largest, s.to(tl.int32))
     base = tl.max(largest, axis=1)
     if tl.program_id(1) == 0:
-        tl.store(row_scale_ptr + rows, _exp2_wide(tl.minimum(base, 254) - 127 - E4M3_HEADROOM))
+        tl.store(row_scale_ptr + rows, exp2_int(tl.minimum(base, 254) - 127 - E4M3_HEADROOM))
     k0 = tl.program_id(1) * BLOCK_K
     pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     packed = tl.load(packed_ptr + rows[:, None] * (K // 2) + pairs[None, :], mask=pairs[None, :] < K // 2, other=0)
@@ -109,7 +97,7 @@ def _weight_to_fp8_kernel(packed_ptr, scales_ptr, q_ptr, row_scale_ptr, N, K,
     groups = k0 // 32 + tl.arange(0, GROUPS)
     s = tl.load(scales_ptr + rows[:, None] * (K // 32) + groups[None, :], mask=groups[None, :] < K // 32, other=0)
     s = s.to(tl.int32)
-    values = decode_e2m1(codes) * _exp2_wide(s - base[:, None] + E4M3_HEADROOM)[:, :, None]
+    values = decode_e2m1(codes) * exp2_int(s - base[:, None] + E4M3_HEADROOM)[:, :, None]
     values = tl.where((s == 255)[:, :, None], float("nan"), values)
     ks = k0 + tl.arange(0, BLOCK_K)
     tl.store(q_ptr + rows[:, None] * K + ks[None, :], tl.reshape(_to_e4m3_bytes(values, HW_CVT), (BLOCK_R, BLOCK_K)),

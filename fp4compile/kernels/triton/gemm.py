@@ -37,15 +37,9 @@ import triton
 import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
-from .codecs import decode_e2m1_pairs
+from .codecs import decode_e2m1_pairs, exp2_int
 
 _TWO_POW_119 = tl.constexpr(2.0**119)
-
-
-@triton.jit
-def _exp2_int(e):
-    """2**e as float32 for integer tensors e in [-126, 127] (built from the exponent bits: exact)."""
-    return ((e + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -178,7 +172,7 @@ def _fp4_gemm_kernel(
         if IS_MXFP4:
             # A NaN scale (byte 255) makes its row's outputs NaN, as in the reference.
             acc = tl.where(exponent[None, :] == 255, float("nan"),
-                           acc * _exp2_int(tl.minimum(exponent, 254) - 127)[None, :])
+                           acc * exp2_int(tl.minimum(exponent, 254) - 127)[None, :])
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         if (k_first == 0) & (k_last == K_TILES):

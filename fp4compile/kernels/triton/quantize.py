@@ -11,7 +11,9 @@ import triton
 import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
-from .codecs import check_offsets, e4m3_value, e8m0_value, encode_e2m1, encode_e4m3, round_to_e2m1
+from .codecs import (
+    check_offsets, e4m3_value, e8m0_value, encode_e2m1, encode_e4m3, mxfp4_spec_exponent, round_to_e2m1,
+)
 
 
 @triton.jit
@@ -65,8 +67,7 @@ def _quantize_kernel(
     # A NaN or infinity poisons its block (|x| - |x| is NaN exactly for those).
     poisoned = tl.max((tl.abs(blocks) - tl.abs(blocks) != 0).to(tl.int32), axis=2) > 0
     if IS_MXFP4:
-        exponent_field = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF
-        scale = tl.minimum(tl.maximum(exponent_field - 127 - 2, -127), 127) + 127  # floor(log2 amax) - 2
+        scale = mxfp4_spec_exponent(amax.to(tl.int32, bitcast=True)) + 127
         scale = tl.where(poisoned, 0xFF, scale)
         block_value = e8m0_value(scale)
         # x / 2**e is x * 2**-e exactly (e <= 125 for finite x, so 2**-e is a normal float32); a
