@@ -130,7 +130,7 @@ def test_quantize_kernel_static_global_scale_and_input_dtypes(rng: torch.Generat
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("act_mode", ["none", "fp4"])
-@pytest.mark.parametrize(("m", "k"), [(1, 64), (3, 160), (5, 96), (33, 160)])
+@pytest.mark.parametrize(("m", "k"), [(1, 64), (3, 160), (5, 96), (33, 160), (2, 512), (20, 256)])
 def test_linear_kernel_at_small_odd_sizes(fmt: str, act_mode: str, m: int, k: int, rng: torch.Generator):
     check_linear(m, 48, k, fmt, act_mode, rng, bias=m != 5)
 
