@@ -23,6 +23,7 @@ class StoredWeight:
     scale_rule: str
     transposed: bool
     original_bytes: int
+    deinterleaved: bool = False
 
     @property
     def quantized_bytes(self) -> int:
@@ -39,18 +40,23 @@ def lookup(weight: torch.Tensor) -> StoredWeight | None:
 
 
 def quantize_once(
-    weight: torch.Tensor, fmt: str, scale_rule: str, release: bool, transposed: bool = False
+    weight: torch.Tensor, fmt: str, scale_rule: str, release: bool, transposed: bool = False,
+    deinterleave: bool = False,
 ) -> StoredWeight:
-    """Quantize ``weight`` (N, K) on its device, or return the form made earlier.
+    """Quantize ``weight`` (..., N, K) on its device, or return the form made earlier.
 
     ``release``: free the original storage after quantizing. ``transposed``: the parameter is
-    stored as (K, N) (e.g. GPT-2's Conv1D) and its transpose is quantized.
+    stored as (..., K, N) (e.g. GPT-2's Conv1D, gpt-oss's experts) and its transpose is quantized.
+    ``deinterleave``: the N rows alternate between two projections (gpt-oss's gate and up); the
+    even rows are quantized first, then the odd ones (rows are quantized independently, so this
+    reorders the result and changes no value).
 
     A weight already quantized with another format, rule or layout is quantized again while its
     values are still there (``release=False``), and raises once they are gone.
     """
     stored = _STORE.get(weight)
-    if stored is not None and (stored.quantized.fmt, stored.scale_rule, stored.transposed) == (fmt, scale_rule, transposed):
+    wanted = (fmt, scale_rule, transposed, deinterleave)
+    if stored is not None and (stored.quantized.fmt, stored.scale_rule, stored.transposed, stored.deinterleaved) == wanted:
         return stored
     if stored is not None and is_released(weight):
         raise ValueError(
@@ -59,9 +65,11 @@ def quantize_once(
             f"{_describe(fmt, scale_rule, transposed)}. Rebuild the model, or compile with release_weights=False."
         )
     with torch.no_grad():
-        matrix = weight.detach().t() if transposed else weight.detach()
+        matrix = weight.detach().transpose(-2, -1) if transposed else weight.detach()
+        if deinterleave:
+            matrix = torch.cat((matrix[..., 0::2, :], matrix[..., 1::2, :]), dim=-2)
         q = quantize(matrix, fmt, scale_rule=scale_rule)
-    stored = StoredWeight(q, scale_rule, transposed, weight.numel() * weight.element_size())
+    stored = StoredWeight(q, scale_rule, transposed, weight.numel() * weight.element_size(), deinterleave)
     _STORE[weight] = stored
     if release and owns_its_storage(weight):
         release_storage(weight)

@@ -3,5 +3,6 @@
 from .graph import DynamoGraph, module_path
 from .linear import LinearPass
 from .manager import GraphPass, PassManager, PassResult
+from .moe import MoePass
 
-__all__ = ["DynamoGraph", "GraphPass", "LinearPass", "PassManager", "PassResult", "module_path"]
+__all__ = ["DynamoGraph", "GraphPass", "LinearPass", "MoePass", "PassManager", "PassResult", "module_path"]
