@@ -25,7 +25,7 @@ FAMILIES = {  # model type -> (config fields, MoE layers among the 2)
     "gpt_oss": (dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"]), 2),
     "deepseek_v3": (dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
                          first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
-                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8), 1),
+                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, num_key_value_heads=4), 1),
 }
 EXPERTS_ONLY = Fp4Config(include=("*.experts",), release_weights=False)
 

@@ -13,6 +13,11 @@ SwiGLU on interleaved columns (``[..., ::2]``, ``[..., 1::2]``), optionally afte
 add of ``<experts>.gate_up_proj_bias[ids]``. After the down projection (and its bias): times the
 slot's routing weight, back to token order, ``view(T, k, H).sum(dim=1)``.
 
+Some transformers releases (5.17) also mark slots routed to no local expert (an index >= E, used
+with expert parallelism): the grouped form zeroes them with ``masked_fill`` before and after each
+projection, the batched form clamps the indices. ``fp4::moe`` gives such slots no contribution,
+as the grouped form does.
+
 The match is strict: every node between the routing tensors and the combined output must have
 one of these forms, or the block is left alone with the reason (never half-matched).
 """
@@ -133,6 +138,13 @@ def match_projection(node: fx.Node) -> ExpertProjection | None:
     if squeeze is None:
         return None
     return ExpertProjection(node, squeeze, strip_casts(x), placeholder, stored_kn, batched=True)
+
+
+def _after_sentinel_fill(out: fx.Node) -> fx.Node:
+    """``out.masked_fill(mask, 0.0)`` if that is how ``out`` is read (slots of no local expert
+    zeroed), else ``out``."""
+    fills = [u for u in out.users if _is_call(u, "masked_fill") and u.args[0] is out and u.args[2:] == (0.0,)]
+    return fills[0] if len(fills) == 1 else out
 
 
 def _bias_add(out: fx.Node) -> tuple[fx.Node | None, fx.Node]:
@@ -261,7 +273,7 @@ def match_moe(gate_up: ExpertProjection, down: ExpertProjection) -> MoeSite | st
     if gate_up.batched != down.batched:
         return "gate/up and down projections use different expert implementations"
     gate_up_bias, gate_up_out = _bias_add(gate_up.out)
-    split = _gate_and_up(gate_up_out)
+    split = _gate_and_up(_after_sentinel_fill(gate_up_out))
     if isinstance(split, str):
         return split
     gate, up, interleaved = split
@@ -269,7 +281,7 @@ def match_moe(gate_up: ExpertProjection, down: ExpertProjection) -> MoeSite | st
     if isinstance(activation, str):
         return activation
     down_bias, down_out = _bias_add(down.out)
-    combine = _combine(down_out)
+    combine = _combine(_after_sentinel_fill(down_out))
     if isinstance(combine, str):
         return combine
     output, topk_weights = combine
@@ -290,7 +302,10 @@ def match_moe(gate_up: ExpertProjection, down: ExpertProjection) -> MoeSite | st
 def _topk_ids(projection: ExpertProjection) -> fx.Node | None:
     """The (T, k) expert indices: flattened, then gathered from (batched) or sorted (grouped)."""
     if projection.batched:
-        return _flattened(projection.node.args[1 if projection.stored_kn else 0].args[1])
+        index = projection.node.args[1 if projection.stored_kn else 0].args[1]
+        if _is_call(index, "clamp"):
+            index = index.args[0]  # slots of no local expert clamped to a valid index (see above)
+        return _flattened(index)
     x = projection.x  # hidden[perm // k]
     divided = x.args[1]
     if not (divided.op == "call_function" and divided.target is operator.floordiv):
