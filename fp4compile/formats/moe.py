@@ -16,7 +16,7 @@ one global scale per tensor) before their projection.
 import torch
 import torch.nn.functional as F
 
-from .blocks import QuantizedTensor, dequantize_blocks
+from .blocks import QuantizedTensor, dequantize
 from .mxfp4 import quantize_mxfp4
 from .nvfp4 import quantize_nvfp4
 from .spec import MXFP4, get_format
@@ -47,14 +47,12 @@ def fake_quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """float32 values of ``x`` quantized to ``fmt`` as one tensor (W4A4 activations), global
     scale included, with a straight-through gradient (the rounding counts as the identity)."""
     q = quantize_mxfp4(x.detach()) if get_format(fmt) is MXFP4 else quantize_nvfp4(x.detach())
-    values = dequantize_blocks(q.packed, q.scales, get_format(fmt)) * q.global_scale
-    return x + (values - x).detach()
+    return x + (dequantize(q) - x).detach()
 
 
 def _expert_matrix(weight: QuantizedTensor, expert: int) -> torch.Tensor:
     """float32 ``e2m1 * block_scale * global_scale`` of one expert's (N, K) matrix."""
-    fmt = get_format(weight.fmt)
-    return dequantize_blocks(weight.packed[expert], weight.scales[expert], fmt) * weight.global_scale.reshape(())
+    return dequantize(weight._replace(packed=weight.packed[expert], scales=weight.scales[expert]))
 
 
 def moe_reference(

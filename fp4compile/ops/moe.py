@@ -56,8 +56,7 @@ def _(hidden, topk_ids, topk_weights, gate_up_packed, gate_up_scales, gate_up_gl
 
 
 def _setup_backward(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor)))
-    ctx.has_bias = (inputs[9] is not None, inputs[10] is not None)
+    ctx.save_for_backward(*inputs[:11])  # absent biases are saved as None
     ctx.attributes = inputs[11:]
 
 
@@ -65,9 +64,7 @@ def _backward(ctx, grad: torch.Tensor):
     """Gradients for the hidden states and the routing weights, by differentiating the reference
     (fp4 weights frozen, activation quantization straight-through): a compiled MoE model can
     still train what stays in high precision, and the router."""
-    hidden, topk_ids, topk_weights, *weights = ctx.saved_tensors
-    gate_up_bias = weights[6] if ctx.has_bias[0] else None
-    down_bias = weights[6 + ctx.has_bias[0]] if ctx.has_bias[1] else None
+    hidden, topk_ids, topk_weights, *weights, gate_up_bias, down_bias = ctx.saved_tensors
     fmt, act_mode, activation, alpha, limit = ctx.attributes
     with torch.enable_grad():
         hidden = hidden.detach().requires_grad_()

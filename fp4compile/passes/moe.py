@@ -69,7 +69,8 @@ class MoePass:
 
     def _rewrite(self, graph: DynamoGraph, config: Fp4Config, experts: str, site: MoeSite, result: PassResult) -> None:
         (gate_up, gate_up_path), (down, down_path) = (graph.parameter_of(p.weight) for p in (site.gate_up, site.down))
-        reason = _ineligible(site, gate_up, down, experts, config)
+        block = _block(site.output)
+        reason = _ineligible(site, block, gate_up, down, experts, config)
         if reason is not None and any(quantized_weights.is_released(w) for w in (gate_up, down)):
             raise RuntimeError(
                 f"fp4compile: {experts} is now kept in its original dtype ({reason}), but an earlier compile quantized "
@@ -105,15 +106,13 @@ class MoePass:
                 replacement = fx_graph.call_method("to", (moe, output_dtype))
         moe.meta.update(site.hidden.meta)
         replacement.meta.update(site.output.meta)
-        block = _block(site.output)
         site.output.replace_all_uses_with(replacement)
         _erase_dead(fx_graph, block)
         result.matched += 1
-        implementation = REFERENCE  # fp4::moe has no CUDA kernel yet: every device runs the reference
-        for (weight, path), s in ((graph.parameter_of(site.gate_up.weight), stored[GATE_UP]),
-                                  (graph.parameter_of(site.down.weight), stored[DOWN])):
+        for weight, path, s in ((gate_up, gate_up_path, stored[GATE_UP]), (down, down_path, stored[DOWN])):
+            # fp4::moe has no CUDA kernel yet: every device runs the reference
             record_layer(weight, LayerRecord(path, tuple(weight.shape), s.original_bytes, s.quantized_bytes,
-                                             config.format, config.act_mode, implementation))
+                                             config.format, config.act_mode, REFERENCE))
 
     @staticmethod
     def _bias(graph: DynamoGraph, experts: str, bias: fx.Node | None, interleaved: bool) -> fx.Node | None:
@@ -125,8 +124,10 @@ class MoePass:
         return graph.gm.graph.get_attr(graph.add_constant(f"fp4_{experts}_gate_up_bias", reordered))
 
 
-def _ineligible(site: MoeSite, gate_up: torch.Tensor, down: torch.Tensor, experts: str, config: Fp4Config) -> str | None:
-    """Why the block must stay as traced, or None if its experts can be quantized."""
+def _ineligible(site: MoeSite, block: set[fx.Node], gate_up: torch.Tensor, down: torch.Tensor, experts: str,
+                config: Fp4Config) -> str | None:
+    """Why the block (``block``: the nodes it is computed from) must stay as traced, or None if its
+    experts can be quantized."""
     selected, reason = config.selects(experts)
     if not selected:
         return reason
@@ -139,7 +140,6 @@ def _ineligible(site: MoeSite, gate_up: torch.Tensor, down: torch.Tensor, expert
     for name, size in (("hidden size", hidden_size), ("expert intermediate size", intermediate)):
         if size % group:
             return f"{name} {size} is not a multiple of the {config.format} group size {group}"
-    block = _block(site.output)
     for parameter in (site.gate_up.weight, site.down.weight, site.gate_up_bias, site.down_bias):
         if parameter is not None and any(user not in block for user in parameter.users):
             return f"{parameter.name} is also used outside the MoE block"

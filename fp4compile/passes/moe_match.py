@@ -35,7 +35,9 @@ CASTS = {"to", "type", "float", "bfloat16", "half"}
 class ExpertProjection:
     """One expert projection: ``out`` (S, N) = per slot ``x`` (S, K) times its expert's matrix.
 
-    ``weight`` is the parameter placeholder, stored (E, N, K) or, with ``stored_kn``, (E, K, N).
+    ``weight`` is the parameter placeholder, stored (E, N, K) or, with ``stored_kn``, (E, K, N);
+    ``expert_index`` the per-slot expert indices that gather it (the batched form), or None (the
+    grouped form, where slots are sorted by expert instead).
     """
 
     node: fx.Node
@@ -43,7 +45,11 @@ class ExpertProjection:
     x: fx.Node
     weight: fx.Node
     stored_kn: bool
-    batched: bool
+    expert_index: fx.Node | None = None
+
+    @property
+    def batched(self) -> bool:
+        return self.expert_index is not None
 
 
 @dataclass(frozen=True)
@@ -122,22 +128,23 @@ def match_projection(node: fx.Node) -> ExpertProjection | None:
         x = node.args[0] if node.args else node.kwargs.get("mat_a")
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("mat_b")
         if isinstance(weight, fx.Node) and weight.op == "placeholder":
-            return ExpertProjection(node, node, strip_casts(x), weight, stored_kn=True, batched=False)
+            return ExpertProjection(node, node, strip_casts(x), weight, stored_kn=True)
         if (placeholder := _swapped_last_dims(weight)) is not None:
-            return ExpertProjection(node, node, strip_casts(x), placeholder, stored_kn=False, batched=False)
+            return ExpertProjection(node, node, strip_casts(x), placeholder, stored_kn=False)
         return None
     if node.target is not torch.bmm or len(node.args) != 2:
         return None
     left, right = node.args
     if (placeholder := _gathered_parameter(left)) is not None and _is_call(right, "unsqueeze"):
-        stored_kn, x, squeeze = False, right.args[0], _single_user(node, "squeeze")
+        stored_kn, gather, x = False, left, right.args[0]
     elif (placeholder := _gathered_parameter(right)) is not None and _is_call(left, "unsqueeze"):
-        stored_kn, x, squeeze = True, left.args[0], _single_user(node, "squeeze")
+        stored_kn, gather, x = True, right, left.args[0]
     else:
         return None
+    squeeze = _single_user(node, "squeeze")
     if squeeze is None:
         return None
-    return ExpertProjection(node, squeeze, strip_casts(x), placeholder, stored_kn, batched=True)
+    return ExpertProjection(node, squeeze, strip_casts(x), placeholder, stored_kn, expert_index=gather.args[1])
 
 
 def _after_sentinel_fill(out: fx.Node) -> fx.Node:
@@ -302,7 +309,7 @@ def match_moe(gate_up: ExpertProjection, down: ExpertProjection) -> MoeSite | st
 def _topk_ids(projection: ExpertProjection) -> fx.Node | None:
     """The (T, k) expert indices: flattened, then gathered from (batched) or sorted (grouped)."""
     if projection.batched:
-        index = projection.node.args[1 if projection.stored_kn else 0].args[1]
+        index = projection.expert_index
         if _is_call(index, "clamp"):
             index = index.args[0]  # slots of no local expert clamped to a valid index (see above)
         return _flattened(index)
