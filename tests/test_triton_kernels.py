@@ -316,8 +316,11 @@ def test_fp8_activation_conversion_is_exact_within_2_pow_14_of_the_row_maximum(s
     if spread == 10.0:
         assert exact[[0, 1, 3, 4]].all()  # nothing outside the exact range at this spread
     else:  # groups far below the row's largest round in e4m3: small against that row's values
-        row_max = expected.abs().nan_to_num().amax(dim=1, keepdim=True)
-        error = (got - expected).abs().nan_to_num()
+        # (not in the row holding a NaN block: its base is the NaN scale, and any product with
+        # that row is NaN anyway)
+        finite_rows = ~expected.isnan().any(dim=1)
+        row_max = expected[finite_rows].abs().amax(dim=1, keepdim=True)
+        error = (got[finite_rows] - expected[finite_rows]).abs()
         assert (error <= row_max * 2.0**-9).all()
 
 
