@@ -3,6 +3,8 @@
 From the routing decision (``topk_ids``, ``topk_weights``) to the combined output: dispatch,
 gate/up projection, activation, down projection, weighted combine (``formats/moe.py``). One
 functional op so a kernel can fuse the whole expert computation; the router stays in the graph.
+On CUDA the Triton kernels of ``kernels/triton/moe.py`` run it (no host sync: CUDA-graph safe);
+elsewhere the reference.
 """
 
 import torch
@@ -12,6 +14,7 @@ from ..formats.blocks import SUPPORTED_DTYPES, check_quantized
 from ..formats.linear import check_act_mode
 from ..formats.moe import check_activation, moe_reference
 from ..formats.spec import get_format
+from .implementations import TRITON_AVAILABLE
 
 
 @torch.library.custom_op("fp4::moe", mutates_args=())
@@ -45,6 +48,19 @@ def moe(
         QuantizedTensor(down_packed, down_scales, down_global_scale, fmt),
         gate_up_bias, down_bias, act_mode, activation, alpha, limit,
     )
+
+
+if TRITON_AVAILABLE:
+    from ..kernels.triton.moe import fp4_moe
+
+    @moe.register_kernel("cuda")
+    def _(hidden, topk_ids, topk_weights, gate_up_packed, gate_up_scales, gate_up_global_scale, down_packed,
+          down_scales, down_global_scale, gate_up_bias, down_bias, fmt, act_mode, activation, alpha, limit):
+        check_moe_args(hidden, topk_ids, topk_weights, gate_up_packed, gate_up_scales, gate_up_global_scale,
+                       down_packed, down_scales, down_global_scale, gate_up_bias, down_bias, fmt, act_mode, activation)
+        return fp4_moe(hidden, topk_ids, topk_weights, gate_up_packed, gate_up_scales, gate_up_global_scale,
+                       down_packed, down_scales, down_global_scale, gate_up_bias, down_bias, fmt, act_mode,
+                       activation, alpha, limit)
 
 
 @moe.register_fake

@@ -18,7 +18,7 @@ from .. import quantized_weights
 from ..config import Fp4Config
 from ..formats import get_format
 from ..formats.blocks import SUPPORTED_DTYPES
-from ..ops.implementations import REFERENCE
+from ..ops.implementations import implementation_for
 from ..report import LayerRecord, record_layer
 from .graph import DynamoGraph
 from .manager import PassResult
@@ -110,9 +110,8 @@ class MoePass:
         _erase_dead(fx_graph, block)
         result.matched += 1
         for weight, path, s in ((gate_up, gate_up_path, stored[GATE_UP]), (down, down_path, stored[DOWN])):
-            # fp4::moe has no CUDA kernel yet: every device runs the reference
             record_layer(weight, LayerRecord(path, tuple(weight.shape), s.original_bytes, s.quantized_bytes,
-                                             config.format, config.act_mode, REFERENCE))
+                                             config.format, config.act_mode, implementation_for(weight.device)))
 
     @staticmethod
     def _bias(graph: DynamoGraph, experts: str, bias: fx.Node | None, interleaved: bool) -> fx.Node | None:

@@ -96,11 +96,20 @@ def _row_max_exponent(s_ptr, rows, g_start, g_end, K_GROUPS, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent, k0, M, K, HALF_K, K_GROUPS, stride_xm,
-            GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr,
-            DOT_DTYPE: tl.constexpr):
-    """acc + x[rows, k0:k0+BLOCK_K] @ w[w_rows, k0:k0+BLOCK_K].T: load, decode, two dots."""
+def mx_row_exponent(s_ptr, w_rows, g_start, g_end, K_GROUPS, BLOCK_N: tl.constexpr, SCALE_WORDS: tl.constexpr):
+    """MXFP4: the ``E`` of each weight row for ``weight_tile`` (its largest scale byte over groups
+    [g_start, g_end)), at least 1: a row whose scales are all 2**-127 (byte 0) still has
+    2**(E - 127) normal."""
+    return tl.maximum(_row_max_exponent(s_ptr, w_rows, g_start, g_end, K_GROUPS, BLOCK_N, 64, SCALE_WORDS), 1)
+
+
+@triton.jit
+def weight_tile(w_ptr, s_ptr, w_rows, exponent, k0, HALF_K, K_GROUPS, GROUP: tl.constexpr, IS_MXFP4: tl.constexpr,
+                EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Weight rows ``w_rows``, columns [k0, k0 + BLOCK_K), decoded to ``e2m1 * block_scale``
+    times ``2**126 / 2**E`` (see the module docstring): the even and the odd columns, each
+    (BLOCK_N, BLOCK_K / 2) in DOT_DTYPE (``dot_even_odd`` takes them)."""
     byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     if EVEN_K:
         packed = tl.load(w_ptr + w_rows[:, None] * HALF_K + byte_cols[None, :])
@@ -116,14 +125,48 @@ def _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent, k0, M, K, HALF_K, 
     factor = tl.reshape(tl.broadcast_to(factor[:, :, None], (BLOCK_N, BLOCK_K // GROUP, GROUP // 2)),
                         (BLOCK_N, BLOCK_K // 2))
     w_even, w_odd = decode_e2m1_pairs(packed, factor, USE_ASM)
+    return w_even.to(DOT_DTYPE), w_odd.to(DOT_DTYPE)
+
+
+@triton.jit
+def activation_tile(x_ptr, rows, k0, M, K, stride_xm, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    """x[rows, k0:k0 + BLOCK_K] as DTYPE; rows >= M (and columns >= K) read as 0."""
     ks = k0 + tl.arange(0, BLOCK_K)
     x_mask = rows[:, None] < M
     if not EVEN_K:
         x_mask = x_mask & (ks[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=x_mask, other=0.0).to(DOT_DTYPE)
+    return tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=x_mask, other=0.0).to(DTYPE)
+
+
+@triton.jit
+def dot_even_odd(acc, x, w_even, w_odd, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + x @ w.T for the (even, odd) column halves of a ``weight_tile``: two dots, no interleave."""
     x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-    acc = tl.dot(x_even, tl.trans(w_even.to(DOT_DTYPE)), acc)
-    return tl.dot(x_odd, tl.trans(w_odd.to(DOT_DTYPE)), acc)
+    acc = tl.dot(x_even, tl.trans(w_even), acc)
+    return tl.dot(x_odd, tl.trans(w_odd), acc)
+
+
+@triton.jit
+def undo_decode_factor(acc, exponent, IS_MXFP4: tl.constexpr):
+    """The float32 product of ``weight_tile`` values back at ``e2m1 * block_scale`` scale: MXFP4
+    times ``2**(E - 127)`` per weight row (a NaN scale, E = 255, makes the row's outputs NaN, as in
+    the reference); NVFP4 times 2**8."""
+    if IS_MXFP4:
+        return tl.where(exponent[None, :] == 255, float("nan"), acc * exp2_int(tl.minimum(exponent, 254) - 127)[None, :])
+    else:
+        return acc * 256.0
+
+
+@triton.jit
+def _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent, k0, M, K, HALF_K, K_GROUPS, stride_xm,
+            GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr,
+            DOT_DTYPE: tl.constexpr):
+    """acc + x[rows, k0:k0+BLOCK_K] @ w[w_rows, k0:k0+BLOCK_K].T: load, decode, two dots."""
+    w_even, w_odd = weight_tile(w_ptr, s_ptr, w_rows, exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4, EVEN_K,
+                                SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
+    x = activation_tile(x_ptr, rows, k0, M, K, stride_xm, EVEN_K, BLOCK_K, DOT_DTYPE)
+    return dot_even_odd(acc, x, w_even, w_odd, BLOCK_M, BLOCK_K)
 
 
 @triton.jit
@@ -160,24 +203,19 @@ def _fp4_gemm_kernel(
         # Rows past N read row N - 1 (valid memory, results never stored): no mask on the weight loads.
         w_rows = tl.minimum(cols, N - 1)
         if IS_MXFP4:
-            # At least 1: a row whose scales are all 2**-127 (byte 0) still has 2**(e - 127) normal.
-            exponent = tl.maximum(_row_max_exponent(s_ptr, w_rows, k_first * (BLOCK_K // GROUP),
-                                                    tl.minimum(k_last * (BLOCK_K // GROUP), K_GROUPS), K_GROUPS,
-                                                    BLOCK_N, 64, SCALE_WORDS), 1)
+            exponent = mx_row_exponent(s_ptr, w_rows, k_first * (BLOCK_K // GROUP),
+                                       tl.minimum(k_last * (BLOCK_K // GROUP), K_GROUPS), K_GROUPS, BLOCK_N, SCALE_WORDS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kt in range(k_first, k_last):
             acc = _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent if IS_MXFP4 else 0, kt * BLOCK_K, M, K,
                           HALF_K, K_GROUPS, stride_xm, GROUP, IS_MXFP4, EVEN_K, SCALE_WORDS, BLOCK_M, BLOCK_N, BLOCK_K,
                           USE_ASM, DOT_DTYPE)
-        if IS_MXFP4:
-            # A NaN scale (byte 255) makes its row's outputs NaN, as in the reference.
-            acc = tl.where(exponent[None, :] == 255, float("nan"),
-                           acc * exp2_int(tl.minimum(exponent, 254) - 127)[None, :])
+        acc = undo_decode_factor(acc, exponent if IS_MXFP4 else 0, IS_MXFP4)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         if (k_first == 0) & (k_last == K_TILES):
             _store_output(acc, alpha_ptr, bias_ptr, out_ptr, rows[:, None] * N + cols[None, :], cols, mask, N,
-                          IS_MXFP4, HAS_BIAS)
+                          HAS_BIAS)
         else:
             slot = program * 2 + (tile != first_tile)  # only a first and a last segment can be partial
             tl.store(partial_ptr + slot * (BLOCK_M * BLOCK_N) + tile_offsets, acc, mask=mask)
@@ -194,19 +232,15 @@ def _fp4_gemm_kernel(
                     acc += tl.load(partial_ptr + q_slot * (BLOCK_M * BLOCK_N) + tile_offsets, mask=mask, other=0.0,
                                    cache_modifier=".cg")
                 _store_output(acc, alpha_ptr, bias_ptr, out_ptr, rows[:, None] * N + cols[None, :], cols, mask, N,
-                              IS_MXFP4, HAS_BIAS)
+                              HAS_BIAS)
                 tl.atomic_xchg(counter_ptr + tile, 0)
         unit += k_last - k_first
 
 
 @triton.jit
-def _store_output(acc, alpha_ptr, bias_ptr, out_ptr, offsets, cols, mask, N,
-                  IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """out = alpha * acc (* 2**8 for NVFP4, see the module docstring) + bias, in out's dtype."""
-    alpha = tl.load(alpha_ptr)
-    if not IS_MXFP4:
-        alpha = alpha * 256.0  # NVFP4 decodes e2m1 * scale * 2**-8 (see the module docstring)
-    acc = acc * alpha
+def _store_output(acc, alpha_ptr, bias_ptr, out_ptr, offsets, cols, mask, N, HAS_BIAS: tl.constexpr):
+    """out = alpha * acc + bias, in out's dtype."""
+    acc = acc * tl.load(alpha_ptr)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -268,7 +302,7 @@ def _programs(tiles: int, k_tiles: int, wanted: int) -> int:
 
 
 @functools.cache
-def _has_bf16x2_multiply(device: torch.device) -> bool:
+def has_bf16x2_multiply(device: torch.device) -> bool:
     """Whether the inline-asm decode can run (``mul.rn.bf16x2``: sm_90 and up); older GPUs decode
     with the pure-Triton twin (float32 arithmetic, the same values)."""
     return torch.cuda.get_device_capability(device) >= (9, 0)
@@ -331,7 +365,7 @@ def fp4_gemm(
         GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None,
         EVEN_K=k % cfg.block_k == 0, SCALE_WORDS=scale_words,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_ASM=on_gpu and _has_bf16x2_multiply(a.device), DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32,
+        USE_ASM=on_gpu and has_bf16x2_multiply(a.device), DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

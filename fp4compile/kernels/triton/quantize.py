@@ -22,9 +22,15 @@ def _finite_amax_kernel(x_ptr, amax_ptr, M, K, stride_xm, BLOCK_M: tl.constexpr,
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
-    magnitude = tl.abs(tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32))
+    tl.atomic_max(amax_ptr, finite_amax(tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)))
+
+
+@triton.jit
+def finite_amax(tile):
+    """max |x| over the finite values of a 2-D tile (float32; 0 when none is finite)."""
+    magnitude = tl.abs(tile.to(tl.float32))
     finite = tl.where(magnitude - magnitude == 0, magnitude, 0.0)
-    tl.atomic_max(amax_ptr, tl.max(tl.max(finite, axis=1), axis=0))
+    return tl.max(tl.max(finite, axis=1), axis=0)
 
 
 @triton.jit
@@ -50,19 +56,10 @@ def _divide_by_block(blocks, divisor, FMA_DIVISION: tl.constexpr):
 
 
 @triton.jit
-def _quantize_kernel(
-    x_ptr, packed_ptr, scales_ptr, values_ptr, gs_ptr, amax_ptr, M, K, stride_xm,
-    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, GS_FROM_AMAX: tl.constexpr, WRITE_VALUES: tl.constexpr,
-    BLOCK_M: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, FMA_DIVISION: tl.constexpr,
-):
-    """Quantize a (BLOCK_M, GROUPS_PER_PROGRAM * GROUP) tile. WRITE_VALUES stores the decoded
-    ``e2m1 * block_scale`` values (no global scale) to ``values_ptr`` instead of codes and scales."""
-    BLOCK_K: tl.constexpr = GROUP * GROUPS_PER_PROGRAM
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < M) & (cols[None, :] < K)
-    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    blocks = tl.reshape(x, (BLOCK_M, GROUPS_PER_PROGRAM, GROUP))
+def _quantize_blocks(blocks, gs, IS_MXFP4: tl.constexpr, FMA_DIVISION: tl.constexpr):
+    """float32 blocks (R, G, GROUP) -> (scale bytes (R, G) int32, block scale values (R, G), the
+    blocks divided by their scale times ``gs``, ready for e2m1 rounding). ``gs``: NVFP4's global
+    scale (ignored for MXFP4)."""
     amax = tl.max(tl.abs(blocks), axis=2)
     # A NaN or infinity poisons its block (|x| - |x| is NaN exactly for those).
     poisoned = tl.max((tl.abs(blocks) - tl.abs(blocks) != 0).to(tl.int32), axis=2) > 0
@@ -75,21 +72,58 @@ def _quantize_kernel(
         inverse = tl.where(poisoned, 0.0, e8m0_value(254 - scale))
         scaled = blocks * inverse[:, :, None]
     else:
-        if GS_FROM_AMAX:
-            gs = tl.load(amax_ptr) * (1.0 / (6.0 * 448.0))  # as formats.nvfp4_global_scale
-            gs = tl.where(gs > 0, gs, 1.0)
-            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
-                tl.store(gs_ptr, gs)
-        else:
-            gs = tl.load(gs_ptr)
         scale = encode_e4m3(tl.math.div_rn(amax, 6.0 * gs))
         scale = tl.where(poisoned, 0x7F, scale)
         block_value = e4m3_value(scale)
         scaled = _divide_by_block(blocks, block_value * gs, FMA_DIVISION)
+    return scale, block_value, scaled
+
+
+@triton.jit
+def fake_quantize_tile(x, gs, GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, FMA_DIVISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 tile (BLOCK_M, BLOCK_K) -> its ``e2m1 * block_scale`` values (float32; the global
+    scale ``gs`` is left out, for the GEMM's alpha), bit for bit the reference quantizer's."""
+    blocks = tl.reshape(x, (BLOCK_M, BLOCK_K // GROUP, GROUP))
+    _, block_value, scaled = _quantize_blocks(blocks, gs, IS_MXFP4, FMA_DIVISION)
+    return tl.reshape(round_to_e2m1(scaled) * block_value[:, :, None], (BLOCK_M, BLOCK_K))
+
+
+@triton.jit
+def nvfp4_dynamic_global_scale(amax):
+    """The NVFP4 global scale of a tensor whose finite amax is ``amax`` (as
+    ``formats.nvfp4_global_scale``; 1 for an all-zero tensor)."""
+    gs = amax * (1.0 / (6.0 * 448.0))
+    return tl.where(gs > 0, gs, 1.0)
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, packed_ptr, scales_ptr, values_ptr, gs_ptr, amax_ptr, M, K, stride_xm,
+    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, GS_FROM_AMAX: tl.constexpr, WRITE_VALUES: tl.constexpr,
+    BLOCK_M: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, FMA_DIVISION: tl.constexpr,
+):
+    """Quantize a (BLOCK_M, GROUPS_PER_PROGRAM * GROUP) tile. WRITE_VALUES stores the decoded
+    ``e2m1 * block_scale`` values (no global scale) to ``values_ptr`` instead of codes and scales."""
+    BLOCK_K: tl.constexpr = GROUP * GROUPS_PER_PROGRAM
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    gs = 1.0
+    if not IS_MXFP4:
+        if GS_FROM_AMAX:
+            gs = nvfp4_dynamic_global_scale(tl.load(amax_ptr))
+            if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+                tl.store(gs_ptr, gs)
+        else:
+            gs = tl.load(gs_ptr)
     if WRITE_VALUES:
-        values = tl.reshape(round_to_e2m1(scaled) * block_value[:, :, None], (BLOCK_M, BLOCK_K))
+        values = fake_quantize_tile(x, gs, GROUP, IS_MXFP4, FMA_DIVISION, BLOCK_M, BLOCK_K)
         tl.store(values_ptr + rows[:, None] * K + cols[None, :], values.to(values_ptr.dtype.element_ty), mask=mask)
         return
+    scale, _, scaled = _quantize_blocks(tl.reshape(x, (BLOCK_M, GROUPS_PER_PROGRAM, GROUP)), gs, IS_MXFP4,
+                                        FMA_DIVISION)
     codes = tl.reshape(encode_e2m1(scaled), (BLOCK_M, BLOCK_K // 2, 2))
     low, high = tl.split(codes)
     packed = (low | (high << 4)).to(tl.uint8)
@@ -101,8 +135,11 @@ def _quantize_kernel(
              mask=(rows[:, None] < M) & (group_cols[None, :] < K // GROUP))
 
 
-def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values_dtype: torch.dtype | None):
-    """Run the kernels on x viewed as (M, K); returns (packed, scales, values, global scale)."""
+def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values_dtype: torch.dtype | None,
+            finite_amax: torch.Tensor | None = None):
+    """Run the kernels on x viewed as (M, K); returns (packed, scales, values, global scale).
+    ``finite_amax``: x's finite amax when the caller has it already (a dynamic NVFP4 global scale
+    is then derived from it, without the amax pass)."""
     spec = get_format(fmt)
     k = x.shape[-1]
     rows = x.reshape(-1, k)
@@ -128,10 +165,15 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
         gs = torch.empty((), dtype=torch.float32, device=x.device)
     else:
         gs = global_scale.reshape(()).clone()
-    amax = torch.zeros((), dtype=torch.float32, device=x.device) if dynamic else gs
+    if not dynamic:
+        amax = gs  # not read
+    elif finite_amax is not None:
+        amax = finite_amax.reshape(())
+    else:
+        amax = torch.zeros((), dtype=torch.float32, device=x.device)
     if m == 0:
         return packed, scales, values, gs.fill_(1.0) if dynamic else gs
-    if dynamic:
+    if dynamic and finite_amax is None:
         block_k = groups_per_program * spec.group_size
         _finite_amax_kernel[grid](rows, amax, m, k, rows.stride(0), BLOCK_M=block_m, BLOCK_K=block_k)
     _quantize_kernel[grid](
@@ -156,10 +198,12 @@ def fp4_quantize(
 
 
 def fp4_fake_quantize(
-    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, dtype: torch.dtype
+    x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, dtype: torch.dtype,
+    finite_amax: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) quantized and decoded in one pass: ``e2m1 * block_scale`` as ``dtype`` (M, K),
     and the global scale. bf16 holds these products exactly, so a GEMM on them equals one on the
-    codes; W4A4 GEMMs use this so that activations are decoded once, not once per weight tile."""
-    _, _, values, gs = _launch(x, fmt, global_scale, values_dtype=dtype)
+    codes; W4A4 GEMMs use this so that activations are decoded once, not once per weight tile.
+    ``finite_amax``: see ``_launch``."""
+    _, _, values, gs = _launch(x, fmt, global_scale, values_dtype=dtype, finite_amax=finite_amax)
     return values, gs

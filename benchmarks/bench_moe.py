@@ -1,0 +1,193 @@
+"""fp4 MoE experts (``fp4::moe`` on CUDA) against the physical floor and bf16, in one GPU run.
+
+For each MoE shape in shapes.json (one layer, all E experts, random weights) and each token
+count, routing comes from random logits (softmax, top-k, renormalized). Times, as CUDA-graph
+replays cycling through enough routing sets that the touched experts exceed the L2:
+
+- ``fp4::moe`` for MXFP4/NVFP4 x W4A16/W4A4 (its weights quantized from the bf16 ones), checked
+  against the reference on the same routing first;
+- the **floor**: bytes of the fp4 experts the routing touches (codes and scales of each distinct
+  expert, both projections) plus the hidden states in and the output out, over the device copy
+  bandwidth measured in the same run;
+- **bf16 grouped GEMM**: ``torch._grouped_mm`` for gate/up and down with the tokens already sorted
+  by expert, and SiLU-and-multiply between (the issue's 4096-token baseline);
+- **HF bf16**: transformers' own experts (``Qwen3MoeExperts`` at the shape; ``grouped_mm`` and
+  ``batched_mm``), the faster of the two; eager timing (its dispatch syncs with the host, so it
+  cannot be captured), ``OOM`` where ``batched_mm``'s per-token weight copies do not fit.
+
+Prints a markdown table (us; fp4 columns also as a multiple of the floor) and the expert memory
+of each format against bf16.
+
+    python benchmarks/bench_moe.py [--tokens 1,16,128,4096] [--models qwen3-30b-a3b,...]
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import fp4compile  # noqa: F401  (registers torch.ops.fp4)
+from fp4compile.formats import QuantizedTensor
+from fp4compile.formats.moe import moe_reference
+from fp4compile.formats.nvfp4 import nvfp4_global_scale
+from fp4compile.kernels.triton import fp4_quantize
+from timing import ROTATE_BYTES, relative_error, time_ms
+
+SHAPES = json.loads((Path(__file__).parent / "shapes.json").read_text())["moe"]
+VARIANTS = [("mxfp4", "none"), ("nvfp4", "none"), ("mxfp4", "fp4"), ("nvfp4", "fp4")]
+NAMES = {v: f"{v[0]} {'W4A4' if v[1] == 'fp4' else 'W4A16'}" for v in VARIANTS}
+EXPERT_CHUNK = 8
+
+
+def hf_experts(shape: dict):
+    """transformers' Qwen3-MoE experts module at ``shape``, bf16 on the GPU, random weights."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    config = Qwen3MoeConfig(hidden_size=shape["H"], moe_intermediate_size=shape["I"], num_experts=shape["E"],
+                            num_experts_per_tok=shape["top_k"])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            experts = Qwen3MoeExperts(config)
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(std=shape["H"] ** -0.5)
+        experts.down_proj.normal_(std=shape["I"] ** -0.5)
+    return experts, config
+
+
+def quantize_experts(weight: torch.Tensor, fmt: str) -> QuantizedTensor:
+    """(E, N, K) bf16 -> fp4 with one global scale for the tensor, a few experts at a time (the
+    quantize kernel, bit for bit the reference) so that no float32 copy of it is ever made."""
+    gs = nvfp4_global_scale(weight) if fmt == "nvfp4" else None
+    parts = [fp4_quantize(weight[e:e + EXPERT_CHUNK], fmt, gs) for e in range(0, weight.shape[0], EXPERT_CHUNK)]
+    packed = torch.cat([p[0] for p in parts])
+    scales = torch.cat([p[1] for p in parts])
+    return QuantizedTensor(packed, scales, parts[0][2], fmt)
+
+
+def routing_sets(tokens: int, shape: dict, expert_bytes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Routings from random logits, enough that the experts they touch exceed ``ROTATE_BYTES``."""
+    sets = []
+    touched = 0
+    while len(sets) < 2 or (touched < ROTATE_BYTES and len(sets) < 16):
+        logits = torch.randn(tokens, shape["E"], device="cuda")
+        weights, ids = torch.topk(logits.softmax(-1), shape["top_k"], dim=-1)
+        sets.append((ids, weights / weights.sum(-1, keepdim=True)))
+        touched += ids.unique().numel() * expert_bytes
+    return sets
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), the floor's denominator."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (time_ms(lambda i: dst.copy_(src), 1, True) * 1e-3)
+
+
+def grouped_mm_bf16(experts, sets: list, hidden: torch.Tensor):
+    """A call per routing set of the bf16 grouped GEMMs on pre-sorted tokens (sorting outside)."""
+    prepared = []
+    for ids, weights in sets:
+        order = ids.reshape(-1).argsort()
+        tokens = order // ids.shape[1]
+        counts = torch.bincount(ids.reshape(-1), minlength=experts.gate_up_proj.shape[0])
+        prepared.append((hidden[tokens], torch.cumsum(counts, 0).to(torch.int32)))
+
+    def call(i: int):
+        x, offsets = prepared[i]
+        gate, up = torch._grouped_mm(x, experts.gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(-2, -1), offs=offsets)
+    return call
+
+
+def hf_time(experts, config, sets: list, hidden: torch.Tensor) -> tuple[float, str]:
+    """The faster of transformers' grouped_mm and batched_mm experts (eager), in ms."""
+    best = (float("inf"), "OOM")
+    for implementation in ("grouped_mm", "batched_mm"):
+        config._experts_implementation = implementation
+        try:
+            with torch.no_grad():
+                t = time_ms(lambda i: experts(hidden, sets[i][0], sets[i][1].to(hidden.dtype)), len(sets), graph=False)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            continue
+        best = min(best, (t, implementation))
+    return best
+
+
+def fp4_call(q: dict, fmt: str, act_mode: str, sets: list, hidden: torch.Tensor):
+    gate_up, down = q[fmt]
+
+    def call(i: int):
+        ids, weights = sets[i]
+        return torch.ops.fp4.moe(hidden, ids, weights, gate_up.packed, gate_up.scales, gate_up.global_scale,
+                                 down.packed, down.scales, down.global_scale, None, None, fmt, act_mode, "silu", 1.0, 1.0)
+    return call
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="1,16,128,4096")
+    parser.add_argument("--models", default=",".join(SHAPES))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s\n")
+    print("| model | tokens | floor us (mxfp4 / nvfp4) | " + " | ".join(f"{NAMES[v]} us (x floor)" for v in VARIANTS)
+          + " | bf16 grouped_mm us | fp4 best x grouped_mm | HF bf16 us (impl) | fp4 best x HF |")
+    print("|---" * (9 + len(VARIANTS) - 1) + "|")
+    memory = []
+    for model in args.models.split(","):
+        shape = SHAPES[model]
+        experts, config = hf_experts(shape)
+        q = {fmt: (quantize_experts(experts.gate_up_proj.data, fmt), quantize_experts(experts.down_proj.data, fmt))
+             for fmt in ("mxfp4", "nvfp4")}
+        bf16_bytes = (experts.gate_up_proj.numel() + experts.down_proj.numel()) * 2
+        for fmt, (gate_up, down) in q.items():
+            fp4_bytes = sum(t.numel() * t.element_size() for w in (gate_up, down)
+                            for t in (w.packed, w.scales, w.global_scale))
+            memory.append((model, fmt, fp4_bytes, bf16_bytes))
+        for tokens in map(int, args.tokens.split(",")):
+            hidden = torch.randn(tokens, shape["H"], device="cuda", dtype=torch.bfloat16)
+            per_expert = {fmt: sum(w.packed[0].numel() + w.scales[0].numel() for w in q[fmt]) for fmt in q}
+            sets = routing_sets(tokens, shape, per_expert["nvfp4"])
+            touched = sum(ids.unique().numel() for ids, _ in sets) / len(sets)
+            floor = {fmt: (touched * per_expert[fmt] + 2 * hidden.numel() * 2) / bandwidth * 1e3 for fmt in q}
+            row = {}
+            for fmt, act_mode in VARIANTS:
+                call = fp4_call(q, fmt, act_mode, sets, hidden)
+                checked = min(tokens, 64)
+                ids, weights = sets[0]
+                y = fp4_call(q, fmt, act_mode, [(ids[:checked], weights[:checked])], hidden[:checked])(0)
+                ref = moe_reference(hidden[:checked], ids[:checked], weights[:checked], *q[fmt], None, None, act_mode,
+                                    "silu", 1.0, 1.0)
+                error = relative_error(y, ref.double())
+                assert error < 2e-2, f"{model} {fmt}/{act_mode} T={tokens}: relative error {error:.2e}"
+                row[(fmt, act_mode)] = time_ms(call, len(sets), graph=True)
+            grouped = time_ms(grouped_mm_bf16(experts, sets, hidden), len(sets), graph=True)
+            hf, hf_impl = hf_time(experts, config, sets, hidden)
+            best = min(row.values())
+            cells = [f"{row[v] * 1e3:.1f} ({row[v] / floor[v[0]]:.1f}x)" for v in VARIANTS]
+            hf_cell = f"{hf * 1e3:.0f} ({hf_impl})" if hf_impl != "OOM" else "OOM"
+            print(f"| {model} | {tokens} | {floor['mxfp4'] * 1e3:.1f} / {floor['nvfp4'] * 1e3:.1f} | " + " | ".join(cells)
+                  + f" | {grouped * 1e3:.1f} | {grouped / best:.2f}x | {hf_cell} | "
+                  + (f"{hf / best:.1f}x |" if hf_impl != "OOM" else "- |"), flush=True)
+            del sets, hidden
+        del experts, q
+        torch.cuda.empty_cache()
+    print("\nExpert weight memory (codes + scales + global scale) against bf16")
+    print("| model | format | fp4 MB | bf16 MB | ratio |\n|---|---|---|---|---|")
+    for model, fmt, fp4_bytes, bf16_bytes in memory:
+        print(f"| {model} | {fmt} | {fp4_bytes / 2**20:.0f} | {bf16_bytes / 2**20:.0f} | {fp4_bytes / bf16_bytes:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,275 @@
+"""``fp4::moe`` on CUDA: grouped fp4 GEMMs over the routed tokens, with SwiGLU, activation
+quantization and the routing weights fused in. No host sync anywhere (CUDA-graph safe).
+
+Five launches (W4A16): ``moe_dispatch`` (a memset and two small kernels) groups the (token,
+choice) slots by expert; then
+
+1. ``_gate_up_kernel``: per (M tile of one expert's rows, N tile of the intermediate), the gate
+   and the up rows of the expert's weight are decoded from fp4 in registers (``gemm.weight_tile``)
+   and multiplied with the gathered tokens on bf16 tensor cores; the epilogue applies the global
+   scale, the bias and the activation and writes the intermediate in row order. For W4A4 with
+   NVFP4 it also takes the intermediate's amax (an atomic max), whose global scale the down
+   projection needs before it can quantize anything.
+2. ``_down_kernel``: the same over the intermediate rows. For W4A4 the intermediate is
+   quantized as it is loaded, tile by tile (``quantize.fake_quantize_tile``, bit for bit the
+   reference quantizer): no pass of its own. The epilogue applies alpha, the bias and the slot's
+   routing weight and writes the slot's float32 output row.
+3. ``_combine_kernel``: each token's output is the sum of its slots' rows, in choice order
+   (deterministic, unlike atomics into the output), cast to the hidden states' dtype once.
+
+W4A4 quantizes the hidden states first (``fp4_fake_quantize``, once per token rather than once
+per chosen expert). Numerics follow the linear kernels: float32 accumulation, W4A16 activations
+and intermediate in bf16, W4A4's intermediate float32 until it is quantized.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ...formats.spec import MXFP4, get_format
+from .codecs import check_offsets
+from .gemm import activation_tile, dot_even_odd, has_bf16x2_multiply, mx_row_exponent, undo_decode_factor, weight_tile
+from .moe_dispatch import dispatch_tokens, tile_expert
+from .quantize import fake_quantize_tile, finite_amax, fp4_fake_quantize
+
+
+@triton.jit
+def _swiglu(gate, up, CLAMPED: tl.constexpr, alpha, limit):
+    """``formats.moe.swiglu`` on float32 tiles: silu(gate) * up, or gpt-oss's clamped form."""
+    if CLAMPED:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+    else:
+        return gate * tl.sigmoid(gate) * up
+
+
+@triton.jit
+def _alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE: tl.constexpr):
+    """The weight's global scale, times the activation's (NVFP4 W4A4), read on the device."""
+    alpha = tl.load(w_gs_ptr)
+    if HAS_X_SCALE:
+        alpha *= tl.load(x_gs_ptr)
+    return alpha
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, slot_of_row_ptr, counts_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr, out_ptr, amax_ptr,
+    TOKENS, INTER, K, HALF_K, K_GROUPS, stride_xm, EXPERTS, swiglu_alpha, swiglu_limit,
+    TOP_K: tl.constexpr, CLAMPED: tl.constexpr, GROUP: tl.constexpr, IS_MXFP4: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr, QUANTIZE_OUT: tl.constexpr, TRACK_AMAX: tl.constexpr,
+    EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EXPERTS_POW2: tl.constexpr, USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    FMA_DIVISION: tl.constexpr,
+):
+    """intermediate[rows, cols] = act(gate, up) of one expert's M tile; program (N tile, M tile).
+    ``QUANTIZE_OUT`` (MXFP4 W4A4): stored as its fp4 values (the groups of 32 lie within the
+    tile); ``TRACK_AMAX`` (NVFP4 W4A4): stored as float32, its finite amax into ``amax_ptr``."""
+    expert, rows, routed = tile_expert(counts_ptr, tl.program_id(1) * BLOCK_M, EXPERTS, BLOCK_M, EXPERTS_POW2)
+    if expert >= EXPERTS:
+        return
+    slots = tl.load(slot_of_row_ptr + rows, mask=routed, other=0)
+    tokens = tl.where(routed, slots // TOP_K, TOKENS)  # TOKENS: a row that reads as zeros
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gate_rows = tl.minimum(cols, INTER - 1)  # past the end: a valid row, never stored
+    up_rows = gate_rows + INTER
+    w_ptr += expert.to(tl.int64) * (2 * INTER * HALF_K)
+    s_ptr += expert.to(tl.int64) * (2 * INTER * K_GROUPS)
+    if IS_MXFP4:
+        gate_exponent = mx_row_exponent(s_ptr, gate_rows, 0, K_GROUPS, K_GROUPS, BLOCK_N, SCALE_WORDS)
+        up_exponent = mx_row_exponent(s_ptr, up_rows, 0, K_GROUPS, K_GROUPS, BLOCK_N, SCALE_WORDS)
+    else:
+        gate_exponent = 0
+        up_exponent = 0
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = activation_tile(x_ptr, tokens, k0, TOKENS, K, stride_xm, EVEN_K, BLOCK_K, DOT_DTYPE)
+        w_even, w_odd = weight_tile(w_ptr, s_ptr, gate_rows, gate_exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4,
+                                    EVEN_K, SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
+        acc_gate = dot_even_odd(acc_gate, x, w_even, w_odd, BLOCK_M, BLOCK_K)
+        w_even, w_odd = weight_tile(w_ptr, s_ptr, up_rows, up_exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4,
+                                    EVEN_K, SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
+        acc_up = dot_even_odd(acc_up, x, w_even, w_odd, BLOCK_M, BLOCK_K)
+    alpha = _alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
+    gate = undo_decode_factor(acc_gate, gate_exponent, IS_MXFP4) * alpha
+    up = undo_decode_factor(acc_up, up_exponent, IS_MXFP4) * alpha
+    if HAS_BIAS:
+        bias_ptr += expert * (2 * INTER)
+        gate += tl.load(bias_ptr + gate_rows).to(tl.float32)[None, :]
+        up += tl.load(bias_ptr + up_rows).to(tl.float32)[None, :]
+    act = _swiglu(gate, up, CLAMPED, swiglu_alpha, swiglu_limit)
+    if QUANTIZE_OUT:
+        act = fake_quantize_tile(act, 1.0, GROUP, IS_MXFP4, FMA_DIVISION, BLOCK_M, BLOCK_N)
+    mask = routed[:, None] & (cols[None, :] < INTER)
+    tl.store(out_ptr + rows[:, None] * INTER + cols[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
+    if TRACK_AMAX:
+        tl.atomic_max(amax_ptr, finite_amax(tl.where(mask, act, 0.0)))
+
+
+@triton.jit
+def _down_kernel(
+    x_ptr, slot_of_row_ptr, counts_ptr, topk_weights_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr, out_ptr,
+    ROWS, N, K, HALF_K, K_GROUPS, EXPERTS,
+    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr,
+    EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EXPERTS_POW2: tl.constexpr, USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """slot_out[slot, cols] = weight[slot] * (down(intermediate[row]) + bias) for one expert's M tile."""
+    expert, rows, routed = tile_expert(counts_ptr, tl.program_id(1) * BLOCK_M, EXPERTS, BLOCK_M, EXPERTS_POW2)
+    if expert >= EXPERTS:
+        return
+    x_rows = tl.where(routed, rows, ROWS)  # ROWS: a row that reads as zeros
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    w_rows = tl.minimum(cols, N - 1)
+    w_ptr += expert.to(tl.int64) * (N * HALF_K)
+    s_ptr += expert.to(tl.int64) * (N * K_GROUPS)
+    if IS_MXFP4:
+        exponent = mx_row_exponent(s_ptr, w_rows, 0, K_GROUPS, K_GROUPS, BLOCK_N, SCALE_WORDS)
+    else:
+        exponent = 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = activation_tile(x_ptr, x_rows, k0, ROWS, K, K, EVEN_K, BLOCK_K, DOT_DTYPE)
+        w_even, w_odd = weight_tile(w_ptr, s_ptr, w_rows, exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4, EVEN_K,
+                                    SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
+        acc = dot_even_odd(acc, x, w_even, w_odd, BLOCK_M, BLOCK_K)
+    y = undo_decode_factor(acc, exponent, IS_MXFP4) * _alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + expert * N + w_rows).to(tl.float32)[None, :]
+    slots = tl.load(slot_of_row_ptr + rows, mask=routed, other=0)
+    y *= tl.load(topk_weights_ptr + slots, mask=routed, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + slots[:, None] * N + cols[None, :], y, mask=routed[:, None] & (cols[None, :] < N))
+
+
+@triton.jit
+def _combine_kernel(slot_out_ptr, ids_ptr, out_ptr, N, EXPERTS, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[token] = sum over its choices j (in order) of slot_out[token * k + j]; slots routed to
+    no expert (id outside [0, E), rows never written) add nothing."""
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        expert = tl.load(ids_ptr + token * TOP_K + j)
+        routed = (expert >= 0) & (expert < EXPERTS)
+        acc += tl.load(slot_out_ptr + (token * TOP_K + j) * N + cols, mask=(cols < N) & routed, other=0.0)
+    tl.store(out_ptr + token * N + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Tiles of the two grouped GEMMs; ``block_m`` is also the dispatch's row alignment."""
+
+    block_m: int
+    block_n: int
+    gate_up_block_k: int
+    down_block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _block_k(k: int, group: int) -> int:
+    """The largest K tile of 128, 64, 32 dividing K (no masked loads), at least a group; 128
+    (masked tail) when none does."""
+    for block_k in (128, 64, 32):
+        if k % block_k == 0 and block_k % group == 0:
+            return block_k
+    return 128
+
+
+def choose_moe_config(slots: int, experts: int, hidden: int, inter: int, fmt: str) -> MoeConfig:
+    """Tiles by the average rows per expert: 16-row tiles while experts see a few tokens each
+    (decode), up to 64 rows when each sees many (prefill)."""
+    rows_per_expert = slots / experts
+    block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64
+    group = get_format(fmt).group_size
+    return MoeConfig(block_m, 64, _block_k(hidden, group), _block_k(inter, group))
+
+
+def _scale_words(k: int, block_k: int, group: int, scales: torch.Tensor) -> bool:
+    """Whether scale bytes can be read as 32-bit words (as ``gemm._scale_words``)."""
+    return k % block_k == 0 and block_k % (4 * group) == 0 and (k // group) % 4 == 0 and scales.data_ptr() % 4 == 0
+
+
+def fp4_moe(
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_packed: torch.Tensor,
+    gate_up_scales: torch.Tensor,
+    gate_up_global_scale: torch.Tensor,
+    down_packed: torch.Tensor,
+    down_scales: torch.Tensor,
+    down_global_scale: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    fmt: str,
+    act_mode: str,
+    activation: str,
+    alpha: float,
+    limit: float,
+    config: MoeConfig | None = None,
+) -> torch.Tensor:
+    """Triton version of ``fp4::moe`` (arguments validated by the op)."""
+    tokens, size = hidden.shape
+    experts, two_inter, _ = gate_up_packed.shape
+    inter = two_inter // 2
+    top_k = topk_ids.shape[1]
+    slots = tokens * top_k
+    if slots == 0:
+        return hidden.new_zeros((tokens, size))
+    spec = get_format(fmt)
+    cfg = config or choose_moe_config(slots, experts, size, inter, fmt)
+    dispatch = dispatch_tokens(topk_ids, experts, cfg.block_m)
+    rows = dispatch.slot_of_row.numel()
+    check_offsets(max(tokens, slots, rows), max(size, inter))
+    check_offsets(two_inter, size // 2)
+    on_gpu = hidden.device.type == "cuda"
+    dot_dtype = torch.bfloat16 if on_gpu else torch.float32
+    kernel_args = dict(EXPERTS_POW2=dispatch.experts_pow2, USE_ASM=on_gpu and has_bf16x2_multiply(hidden.device),
+                       DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                       GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, num_warps=cfg.num_warps,
+                       num_stages=cfg.num_stages)
+    w4a4 = act_mode == "fp4"
+    nvfp4_w4a4 = w4a4 and spec is not MXFP4  # activations carry a global scale
+    x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    x_global_scale = gate_up_global_scale  # not read unless nvfp4_w4a4
+    if w4a4:
+        x, x_global_scale = fp4_fake_quantize(x, fmt, None, dot_dtype)
+    amax = torch.zeros((), dtype=torch.float32, device=hidden.device) if nvfp4_w4a4 else x_global_scale
+    gate_up_packed, gate_up_scales = gate_up_packed.contiguous(), gate_up_scales.contiguous()
+    down_packed, down_scales = down_packed.contiguous(), down_scales.contiguous()
+    intermediate = torch.empty((rows, inter), dtype=torch.float32 if nvfp4_w4a4 else dot_dtype, device=hidden.device)
+    block_k = cfg.gate_up_block_k
+    _gate_up_kernel[(triton.cdiv(inter, cfg.block_n), dispatch.tiles)](
+        x, dispatch.slot_of_row, dispatch.counts, gate_up_packed, gate_up_scales, gate_up_global_scale,
+        x_global_scale, gate_up_bias.contiguous() if gate_up_bias is not None else amax, intermediate, amax,
+        tokens, inter, size, size // 2, size // spec.group_size, x.stride(0), experts, float(alpha), float(limit),
+        TOP_K=top_k, CLAMPED=activation == "clamped_swiglu", HAS_BIAS=gate_up_bias is not None,
+        HAS_X_SCALE=nvfp4_w4a4, QUANTIZE_OUT=w4a4 and spec is MXFP4, TRACK_AMAX=nvfp4_w4a4,
+        EVEN_K=size % block_k == 0, SCALE_WORDS=_scale_words(size, block_k, spec.group_size, gate_up_scales),
+        BLOCK_K=block_k, FMA_DIVISION=on_gpu, **kernel_args,
+    )
+    if nvfp4_w4a4:
+        # The intermediate's global scale needs its amax over every row first: a pass of its own.
+        intermediate, x_global_scale = fp4_fake_quantize(intermediate, fmt, None, dot_dtype, finite_amax=amax)
+    slot_out = torch.empty((slots, size), dtype=torch.float32, device=hidden.device)
+    weights = topk_weights.reshape(-1).contiguous()
+    block_k = cfg.down_block_k
+    _down_kernel[(triton.cdiv(size, cfg.block_n), dispatch.tiles)](
+        intermediate, dispatch.slot_of_row, dispatch.counts, weights, down_packed, down_scales, down_global_scale,
+        x_global_scale, down_bias.contiguous() if down_bias is not None else amax, slot_out,
+        rows, size, inter, inter // 2, inter // spec.group_size, experts,
+        HAS_BIAS=down_bias is not None, HAS_X_SCALE=nvfp4_w4a4, EVEN_K=inter % block_k == 0,
+        SCALE_WORDS=_scale_words(inter, block_k, spec.group_size, down_scales), BLOCK_K=block_k, **kernel_args,
+    )
+    out = torch.empty((tokens, size), dtype=hidden.dtype, device=hidden.device)
+    combine_block = min(1024, triton.next_power_of_2(size))
+    _combine_kernel[(tokens, triton.cdiv(size, combine_block))](
+        slot_out, topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous(), out, size, experts,
+        TOP_K=top_k, BLOCK_N=combine_block,
+    )
+    return out

@@ -1,0 +1,158 @@
+"""The Triton MoE kernels against the reference ``moe_reference``: on CPU in Triton's interpreter
+(tiny sizes, float32 tiles, so W4A16 agrees to float32 rounding and W4A4's quantization is the
+reference's bit for bit), on the GPU at real sizes (bf16 tiles), with a CUDA-graph capture."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fp4compile.formats import quantize
+from fp4compile.formats.moe import moe_reference
+
+moe_kernels = pytest.importorskip("fp4compile.kernels.triton.moe")
+from fp4compile.kernels.triton.moe_dispatch import dispatch_tokens, padded_rows  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MOE_SHAPES = json.loads((Path(__file__).parents[1] / "benchmarks" / "shapes.json").read_text())["moe"]
+
+
+def routing(tokens: int, experts: int, top_k: int, generator: torch.Generator, unrouted: bool = True):
+    """Distinct experts per token (as top-k gives), with one slot routed nowhere (id E) when
+    ``unrouted``; routing weights from a softmax."""
+    ids = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+    if unrouted and tokens > 1:
+        ids[1, 0] = experts
+    weights = torch.randn(tokens, top_k, generator=generator).softmax(-1)
+    return ids.to(DEVICE), weights.to(DEVICE)
+
+
+def experts(count: int, hidden: int, inter: int, fmt: str, generator: torch.Generator, bias: bool):
+    """Random fp4 experts, drawn on the device (real sizes are gigabytes of float32)."""
+    device_rng = torch.Generator(DEVICE).manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+    gate_up = quantize(torch.randn(count, 2 * inter, hidden, generator=device_rng, device=DEVICE) / hidden**0.5, fmt)
+    down = quantize(torch.randn(count, hidden, inter, generator=device_rng, device=DEVICE) / inter**0.5, fmt)
+    biases = ((torch.randn(count, 2 * inter, generator=device_rng, device=DEVICE),
+               torch.randn(count, hidden, generator=device_rng, device=DEVICE)) if bias else (None, None))
+    return gate_up, down, biases
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def run_both(tokens, weights, top_k, fmt, act_mode, activation, generator, hidden_dtype=torch.float32, config=None,
+             ids_dtype=torch.int64):
+    """``fp4_moe`` and the reference on fresh hidden states and routing over ``weights``."""
+    gate_up, down, (gate_up_bias, down_bias) = weights
+    count, hidden_size = down.packed.shape[:2]
+    hidden = torch.randn(tokens, hidden_size, generator=generator).to(hidden_dtype).to(DEVICE)
+    ids, topk_weights = routing(tokens, count, top_k, generator)
+    y = moe_kernels.fp4_moe(hidden, ids.to(ids_dtype), topk_weights, gate_up.packed, gate_up.scales,
+                            gate_up.global_scale, down.packed, down.scales, down.global_scale, gate_up_bias, down_bias,
+                            fmt, act_mode, activation, 1.702, 7.0, config=config)
+    ref = moe_reference(hidden, ids, topk_weights, gate_up, down, gate_up_bias, down_bias, act_mode, activation, 1.702,
+                        7.0)
+    assert y.shape == ref.shape and y.dtype == hidden.dtype and not y.isnan().any()
+    return y, ref
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("act_mode", ["none", "fp4"])
+@pytest.mark.parametrize("activation,bias", [("silu", False), ("clamped_swiglu", True)])
+def test_moe_kernels_match_the_reference_in_the_interpreter(fmt, act_mode, activation, bias, rng):
+    if DEVICE != "cpu":
+        pytest.skip("interpreter test (the GPU runs the real-size tests)")
+    y, ref = run_both(9, experts(6, 64, 96, fmt, rng, bias), 3, fmt, act_mode, activation, rng)
+    # float32 tiles: W4A16 differs by accumulation order only. W4A4 quantizes the same values as
+    # the reference, bit for bit, but an intermediate a rounding away from an e2m1 boundary may
+    # land on the other side (a rare one-step change in one element).
+    assert relative_error(y, ref) < (1e-5 if act_mode == "none" else 1e-3)
+
+
+@pytest.mark.parametrize("block_m,tokens", [(16, 40), (32, 40), (64, 70)])
+def test_moe_kernels_with_every_tile_height_and_masked_k(block_m, tokens, rng):
+    """Several M tiles per expert, and K tiles with a masked tail (hidden 96 with K tiles of 64)."""
+    if DEVICE != "cpu":
+        pytest.skip("interpreter test")
+    config = moe_kernels.MoeConfig(block_m, 32, gate_up_block_k=64, down_block_k=32)
+    y, ref = run_both(tokens, experts(4, 96, 64, "nvfp4", rng, False), 2, "nvfp4", "none", "silu", rng,
+                      config=config, ids_dtype=torch.int32)
+    assert relative_error(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("tokens", [37, 100])  # one program (111 slots), or the atomics (300)
+def test_dispatch_groups_every_routed_slot_by_expert_with_aligned_padding(tokens, rng):
+    if DEVICE != "cpu":
+        pytest.skip("interpreter test")
+    experts, block_m = 5, 4
+    ids = torch.randint(-1, experts + 1, (tokens, 3), generator=rng)  # ids -1 and 5 route nowhere
+    dispatch = dispatch_tokens(ids, experts, block_m)
+    flat = ids.reshape(-1)
+    counts = torch.stack([(flat == e).sum() for e in range(experts)]).int()
+    assert torch.equal(dispatch.counts, counts)
+    assert dispatch.slot_of_row.numel() == padded_rows(flat.numel(), experts, block_m)
+    start = 0
+    for e in range(experts):
+        rows = dispatch.slot_of_row[start:start + counts[e]]
+        assert torch.equal(rows.sort().values, (flat == e).nonzero().squeeze(1).int())
+        start += -(-int(counts[e]) // block_m) * block_m
+    assert start <= dispatch.slot_of_row.numel()
+
+
+def test_no_routed_slot_gives_zeros(rng):
+    if DEVICE != "cpu":
+        pytest.skip("interpreter test")
+    gate_up, down, _ = experts(3, 64, 32, "mxfp4", rng, bias=False)
+    hidden = torch.randn(4, 64, generator=rng)
+    ids = torch.full((4, 2), 3)
+    y = moe_kernels.fp4_moe(hidden, ids, torch.ones(4, 2), gate_up.packed, gate_up.scales, gate_up.global_scale,
+                            down.packed, down.scales, down.global_scale, None, None, "mxfp4", "none", "silu", 1.0, 1.0)
+    assert torch.equal(y, torch.zeros_like(hidden))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model", sorted(MOE_SHAPES))
+@pytest.mark.parametrize("fmt,act_mode", [("mxfp4", "none"), ("nvfp4", "none"), ("mxfp4", "fp4"), ("nvfp4", "fp4")])
+def test_moe_kernels_on_gpu_at_real_sizes(model, fmt, act_mode, rng):
+    """Real hidden and intermediate sizes, 8 experts (memory and time), bf16 hidden states; one
+    token (decode), 16, and 300 (several M tiles per expert)."""
+    shape = MOE_SHAPES[model]
+    clamped = model.startswith("gpt-oss")
+    weights = experts(8, shape["H"], shape["I"], fmt, rng, bias=clamped)
+    for tokens in (1, 16, 300):
+        y, ref = run_both(tokens, weights, min(shape["top_k"], 8), fmt, act_mode,
+                          "clamped_swiglu" if clamped else "silu", rng, hidden_dtype=torch.bfloat16)
+        assert relative_error(y, ref) < 2e-2, f"{tokens} tokens"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act_mode", ["none", "fp4"])
+def test_moe_kernels_replay_in_a_cuda_graph_without_host_syncs(act_mode, rng):
+    """Captured once, replayed with new hidden states and new routing: the same result as an
+    eager call (no shape or launch depends on the routing)."""
+    gate_up, down, _ = experts(32, 512, 256, "nvfp4", rng, bias=False)
+    hidden = torch.randn(8, 512, generator=rng).to(torch.bfloat16).to(DEVICE)
+    ids, weights = routing(8, 32, 4, rng, unrouted=False)
+
+    def call():
+        return moe_kernels.fp4_moe(hidden, ids, weights, gate_up.packed, gate_up.scales, gate_up.global_scale,
+                                   down.packed, down.scales, down.global_scale, None, None, "nvfp4", act_mode, "silu",
+                                   1.0, 1.0)
+
+    call()  # compile the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.cuda.graph(graph):
+            captured = call()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    new_ids, new_weights = routing(8, 32, 4, rng, unrouted=True)
+    hidden.copy_(torch.randn(8, 512, generator=rng).to(torch.bfloat16))
+    ids.copy_(new_ids)
+    weights.copy_(new_weights)
+    graph.replay()
+    torch.testing.assert_close(captured, call(), rtol=0, atol=0)
