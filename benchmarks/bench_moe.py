@@ -65,8 +65,10 @@ def hf_experts(shape: dict):
 def quantize_experts(weight: torch.Tensor, fmt: str) -> QuantizedTensor:
     """(E, N, K) bf16 -> fp4 with one global scale for the tensor, a few experts at a time (the
     quantize kernel, bit for bit the reference) so that no float32 copy of it is ever made."""
-    gs = nvfp4_global_scale(weight) if fmt == "nvfp4" else None
-    parts = [fp4_quantize(weight[e:e + EXPERT_CHUNK], fmt, gs) for e in range(0, weight.shape[0], EXPERT_CHUNK)]
+    chunks = range(0, weight.shape[0], EXPERT_CHUNK)
+    # The tensor's global scale, from its amax taken chunk by chunk (the largest chunk scale).
+    gs = torch.stack([nvfp4_global_scale(weight[e:e + EXPERT_CHUNK]) for e in chunks]).max() if fmt == "nvfp4" else None
+    parts = [fp4_quantize(weight[e:e + EXPERT_CHUNK], fmt, gs) for e in chunks]
     packed = torch.cat([p[0] for p in parts])
     scales = torch.cat([p[1] for p in parts])
     return QuantizedTensor(packed, scales, parts[0][2], fmt)

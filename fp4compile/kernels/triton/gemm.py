@@ -282,7 +282,7 @@ def _scale_words(k: int, block_k: int, group: int) -> bool:
 
 
 @functools.cache
-def multiprocessors(device: torch.device) -> int:
+def _multiprocessors(device: torch.device) -> int:
     """Multiprocessor count (a small number in the interpreter, which exercises split-K on tiny shapes)."""
     if device.type != "cuda":
         return 2
@@ -311,7 +311,7 @@ def has_bf16x2_multiply(device: torch.device) -> bool:
 _SPLIT_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def split_counters(device: torch.device, tiles: int) -> torch.Tensor:
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
     """Zeroed int32 arrival counters, one per output tile.
 
     Outside CUDA-graph capture they are kept per (device, stream) and reused: every launch leaves
@@ -355,9 +355,9 @@ def fp4_gemm(
     tiles = triton.cdiv(m, cfg.block_m) * tiles_n
     k_tiles = triton.cdiv(k, cfg.block_k)
     units = tiles * k_tiles
-    programs = _programs(tiles, k_tiles, cfg.programs_per_sm * multiprocessors(a.device))
+    programs = _programs(tiles, k_tiles, cfg.programs_per_sm * _multiprocessors(a.device))
     partial = torch.empty((programs * 2, cfg.block_m, cfg.block_n), dtype=torch.float32, device=a.device)
-    counters = split_counters(a.device, tiles)
+    counters = _split_counters(a.device, tiles)
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     _fp4_gemm_kernel[(programs,)](
         a, w_packed, w_scales, alpha, bias_arg, out, partial, counters,

@@ -30,10 +30,7 @@ import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
 from .codecs import check_offsets
-from .gemm import (
-    activation_tile, dot_even_odd, has_bf16x2_multiply, multiprocessors, mx_row_exponent, split_counters,
-    undo_decode_factor, weight_tile,
-)
+from .gemm import activation_tile, dot_even_odd, has_bf16x2_multiply, mx_row_exponent, undo_decode_factor, weight_tile
 from .moe_dispatch import dispatch_tokens, tile_expert
 from .quantize import fake_quantize_tile, finite_amax, fp4_fake_quantize
 
@@ -59,46 +56,16 @@ def _alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE: tl.constexpr):
 
 
 @triton.jit
-def _k_range(K, K_GROUPS, SPLIT_K: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This program's split of K: [k_start, k_end) in whole K tiles, and its groups' end."""
-    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_start = tl.program_id(2) * per_split
-    k_end = tl.minimum(k_start + per_split, K)
-    return k_start, k_end, tl.minimum(k_end // GROUP, K_GROUPS)
-
-
-@triton.jit
-def _sum_splits(acc, offsets, workspace_ptr, counter_ptr, SPLIT_K: tl.constexpr, TILE_ELEMENTS: tl.constexpr):
-    """Split-K, deterministic: every split of an output tile stores its float32 partial ``acc``
-    (``offsets``: each element's place in the tile), and the last to arrive, counted on the tile's
-    counter (which it resets), sums them in split order. Returns (this program finishes the
-    tile, the sum). The same protocol as ``gemm.py``'s stream-K."""
-    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    tl.store(workspace_ptr + (tile * SPLIT_K + tl.program_id(2)) * TILE_ELEMENTS + offsets, acc)
-    tl.debug_barrier()  # every thread's partial is stored before the release
-    arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    last = arrived == SPLIT_K - 1
-    total = tl.zeros_like(acc)
-    if last:
-        for split in tl.static_range(SPLIT_K):
-            # .cg: from L2, never a line this SM's L1 kept from an earlier call.
-            total += tl.load(workspace_ptr + (tile * SPLIT_K + split) * TILE_ELEMENTS + offsets, cache_modifier=".cg")
-        tl.atomic_xchg(counter_ptr + tile, 0)
-    return last, total
-
-
-@triton.jit
 def _gate_up_kernel(
     x_ptr, slot_of_row_ptr, counts_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr, out_ptr, amax_ptr,
-    workspace_ptr, counter_ptr, TOKENS, INTER, K, HALF_K, K_GROUPS, stride_xm, EXPERTS, swiglu_alpha, swiglu_limit,
+    TOKENS, INTER, K, HALF_K, K_GROUPS, stride_xm, EXPERTS, swiglu_alpha, swiglu_limit,
     TOP_K: tl.constexpr, CLAMPED: tl.constexpr, GROUP: tl.constexpr, IS_MXFP4: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr, QUANTIZE_OUT: tl.constexpr, TRACK_AMAX: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EXPERTS_POW2: tl.constexpr, USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    SPLIT_K: tl.constexpr, FMA_DIVISION: tl.constexpr,
+    FMA_DIVISION: tl.constexpr,
 ):
-    """intermediate[rows, cols] = act(gate, up) of one expert's M tile; program (N tile, M tile,
-    K split).
+    """intermediate[rows, cols] = act(gate, up) of one expert's M tile; program (N tile, M tile).
     ``QUANTIZE_OUT`` (MXFP4 W4A4): stored as its fp4 values (the groups of 32 lie within the
     tile); ``TRACK_AMAX`` (NVFP4 W4A4): stored as float32, its finite amax into ``amax_ptr``."""
     expert, rows, routed = tile_expert(counts_ptr, tl.program_id(1) * BLOCK_M, EXPERTS, BLOCK_M, EXPERTS_POW2)
@@ -111,16 +78,15 @@ def _gate_up_kernel(
     up_rows = gate_rows + INTER
     w_ptr += expert.to(tl.int64) * (2 * INTER * HALF_K)
     s_ptr += expert.to(tl.int64) * (2 * INTER * K_GROUPS)
-    k_start, k_end, g_end = _k_range(K, K_GROUPS, SPLIT_K, GROUP, BLOCK_K)
     if IS_MXFP4:
-        gate_exponent = mx_row_exponent(s_ptr, gate_rows, k_start // GROUP, g_end, K_GROUPS, BLOCK_N, SCALE_WORDS)
-        up_exponent = mx_row_exponent(s_ptr, up_rows, k_start // GROUP, g_end, K_GROUPS, BLOCK_N, SCALE_WORDS)
+        gate_exponent = mx_row_exponent(s_ptr, gate_rows, 0, K_GROUPS, K_GROUPS, BLOCK_N, SCALE_WORDS)
+        up_exponent = mx_row_exponent(s_ptr, up_rows, 0, K_GROUPS, K_GROUPS, BLOCK_N, SCALE_WORDS)
     else:
         gate_exponent = 0
         up_exponent = 0
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         x = activation_tile(x_ptr, tokens, k0, TOKENS, K, stride_xm, EVEN_K, BLOCK_K, DOT_DTYPE)
         w_even, w_odd = weight_tile(w_ptr, s_ptr, gate_rows, gate_exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4,
                                     EVEN_K, SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
@@ -128,39 +94,29 @@ def _gate_up_kernel(
         w_even, w_odd = weight_tile(w_ptr, s_ptr, up_rows, up_exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4,
                                     EVEN_K, SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
         acc_up = dot_even_odd(acc_up, x, w_even, w_odd, BLOCK_M, BLOCK_K)
-    both = tl.join(undo_decode_factor(acc_gate, gate_exponent, IS_MXFP4),
-                   undo_decode_factor(acc_up, up_exponent, IS_MXFP4))  # (BLOCK_M, BLOCK_N, 2)
-    last = True
-    if SPLIT_K > 1:
-        offsets = (tl.arange(0, BLOCK_M)[:, None, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]) * 2 \
-            + tl.arange(0, 2)[None, None, :]
-        last, both = _sum_splits(both, offsets, workspace_ptr, counter_ptr, SPLIT_K, BLOCK_M * BLOCK_N * 2)
-    if last:
-        gate, up = tl.split(both)
-        alpha = _alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
-        gate *= alpha
-        up *= alpha
-        if HAS_BIAS:
-            bias_ptr += expert * (2 * INTER)
-            gate += tl.load(bias_ptr + gate_rows).to(tl.float32)[None, :]
-            up += tl.load(bias_ptr + up_rows).to(tl.float32)[None, :]
-        act = _swiglu(gate, up, CLAMPED, swiglu_alpha, swiglu_limit)
-        if QUANTIZE_OUT:
-            act = fake_quantize_tile(act, 1.0, GROUP, IS_MXFP4, FMA_DIVISION, BLOCK_M, BLOCK_N)
-        mask = routed[:, None] & (cols[None, :] < INTER)
-        tl.store(out_ptr + rows[:, None] * INTER + cols[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
-        if TRACK_AMAX:
-            tl.atomic_max(amax_ptr, finite_amax(tl.where(mask, act, 0.0)))
+    alpha = _alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
+    gate = undo_decode_factor(acc_gate, gate_exponent, IS_MXFP4) * alpha
+    up = undo_decode_factor(acc_up, up_exponent, IS_MXFP4) * alpha
+    if HAS_BIAS:
+        bias_ptr += expert * (2 * INTER)
+        gate += tl.load(bias_ptr + gate_rows).to(tl.float32)[None, :]
+        up += tl.load(bias_ptr + up_rows).to(tl.float32)[None, :]
+    act = _swiglu(gate, up, CLAMPED, swiglu_alpha, swiglu_limit)
+    if QUANTIZE_OUT:
+        act = fake_quantize_tile(act, 1.0, GROUP, IS_MXFP4, FMA_DIVISION, BLOCK_M, BLOCK_N)
+    mask = routed[:, None] & (cols[None, :] < INTER)
+    tl.store(out_ptr + rows[:, None] * INTER + cols[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
+    if TRACK_AMAX:
+        tl.atomic_max(amax_ptr, finite_amax(tl.where(mask, act, 0.0)))
 
 
 @triton.jit
 def _down_kernel(
     x_ptr, slot_of_row_ptr, counts_ptr, topk_weights_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr, out_ptr,
-    workspace_ptr, counter_ptr, ROWS, N, K, HALF_K, K_GROUPS, EXPERTS,
+    ROWS, N, K, HALF_K, K_GROUPS, EXPERTS,
     GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EXPERTS_POW2: tl.constexpr, USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    SPLIT_K: tl.constexpr,
 ):
     """slot_out[slot, cols] = weight[slot] * (down(intermediate[row]) + bias) for one expert's M tile."""
     expert, rows, routed = tile_expert(counts_ptr, tl.program_id(1) * BLOCK_M, EXPERTS, BLOCK_M, EXPERTS_POW2)
@@ -171,29 +127,22 @@ def _down_kernel(
     w_rows = tl.minimum(cols, N - 1)
     w_ptr += expert.to(tl.int64) * (N * HALF_K)
     s_ptr += expert.to(tl.int64) * (N * K_GROUPS)
-    k_start, k_end, g_end = _k_range(K, K_GROUPS, SPLIT_K, GROUP, BLOCK_K)
     if IS_MXFP4:
-        exponent = mx_row_exponent(s_ptr, w_rows, k_start // GROUP, g_end, K_GROUPS, BLOCK_N, SCALE_WORDS)
+        exponent = mx_row_exponent(s_ptr, w_rows, 0, K_GROUPS, K_GROUPS, BLOCK_N, SCALE_WORDS)
     else:
         exponent = 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         x = activation_tile(x_ptr, x_rows, k0, ROWS, K, K, EVEN_K, BLOCK_K, DOT_DTYPE)
         w_even, w_odd = weight_tile(w_ptr, s_ptr, w_rows, exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4, EVEN_K,
                                     SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
         acc = dot_even_odd(acc, x, w_even, w_odd, BLOCK_M, BLOCK_K)
-    y = undo_decode_factor(acc, exponent, IS_MXFP4)
-    last = True
-    if SPLIT_K > 1:
-        offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        last, y = _sum_splits(y, offsets, workspace_ptr, counter_ptr, SPLIT_K, BLOCK_M * BLOCK_N)
-    if last:
-        y *= _alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + expert * N + w_rows).to(tl.float32)[None, :]
-        slots = tl.load(slot_of_row_ptr + rows, mask=routed, other=0)
-        y *= tl.load(topk_weights_ptr + slots, mask=routed, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + slots[:, None] * N + cols[None, :], y, mask=routed[:, None] & (cols[None, :] < N))
+    y = undo_decode_factor(acc, exponent, IS_MXFP4) * _alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + expert * N + w_rows).to(tl.float32)[None, :]
+    slots = tl.load(slot_of_row_ptr + rows, mask=routed, other=0)
+    y *= tl.load(topk_weights_ptr + slots, mask=routed, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + slots[:, None] * N + cols[None, :], y, mask=routed[:, None] & (cols[None, :] < N))
 
 
 @triton.jit
@@ -212,8 +161,7 @@ def _combine_kernel(slot_out_ptr, ids_ptr, out_ptr, N, EXPERTS, TOP_K: tl.conste
 
 @dataclass(frozen=True)
 class MoeConfig:
-    """Tiles of the two grouped GEMMs; ``block_m`` is also the dispatch's row alignment. A split
-    above 1 divides each GEMM's K range over that many programs (decode sizes)."""
+    """Tiles of the two grouped GEMMs; ``block_m`` is also the dispatch's row alignment."""
 
     block_m: int
     block_n: int
@@ -221,8 +169,6 @@ class MoeConfig:
     down_block_k: int
     num_warps: int = 4
     num_stages: int = 3
-    gate_up_split_k: int = 1
-    down_split_k: int = 1
 
 
 def _block_k(k: int, group: int) -> int:
@@ -234,19 +180,11 @@ def _block_k(k: int, group: int) -> int:
     return 128
 
 
-def _split_k(tiles: int, k: int, block_k: int, sms: int) -> int:
-    """K splits that bring a GEMM to about 4 programs per SM when its output tiles alone would
-    leave SMs idle (decode), at most 4, each split keeping 2 K tiles or more."""
-    if tiles >= 2 * sms:
-        return 1
-    return max(1, min(4, 4 * sms // tiles, triton.cdiv(k, block_k) // 2))
-
-
-def choose_moe_config(slots: int, experts: int, hidden: int, inter: int, fmt: str, sms: int) -> MoeConfig:
+def choose_moe_config(slots: int, experts: int, hidden: int, inter: int, fmt: str) -> MoeConfig:
     """Tiles by the average rows per expert (``benchmarks/tune_moe.py``, RESULTS.md): 16-row
-    tiles while experts see a few tokens each (decode), 128x128 tiles with 8 warps when each sees
-    many (prefill; 9% faster than 64x64 at 4096 tokens on the H100). At decode, the expected
-    tiles (one M tile per touched expert) times the N tiles decide the K split."""
+    tiles while experts see a few tokens each (decode; 16 beat 32 at 128 tokens on Qwen3-30B-A3B),
+    128x128 tiles with 8 warps when each sees many (prefill; 9% faster than 64x64 at 4096 tokens on
+    the H100). Splitting K at decode was measured and dropped: slower on Qwen3 and DeepSeek-V3."""
     rows_per_expert = slots / experts
     group = get_format(fmt).group_size
     gate_up_k, down_k = _block_k(hidden, group), _block_k(inter, group)
@@ -254,25 +192,12 @@ def choose_moe_config(slots: int, experts: int, hidden: int, inter: int, fmt: st
         return MoeConfig(128, 128, gate_up_k, down_k, num_warps=8)
     if rows_per_expert > 16:
         return MoeConfig(64, 64, gate_up_k, down_k)
-    touched = min(slots, experts)
-    return MoeConfig(16, 64, gate_up_k, down_k,
-                     gate_up_split_k=_split_k(touched * triton.cdiv(inter, 64), hidden, gate_up_k, sms),
-                     down_split_k=_split_k(touched * triton.cdiv(hidden, 64), inter, down_k, sms))
+    return MoeConfig(16, 64, gate_up_k, down_k)
 
 
 def _scale_words(k: int, block_k: int, group: int, scales: torch.Tensor) -> bool:
     """Whether scale bytes can be read as 32-bit words (as ``gemm._scale_words``)."""
     return k % block_k == 0 and block_k % (4 * group) == 0 and (k // group) % 4 == 0 and scales.data_ptr() % 4 == 0
-
-
-def _split_buffers(grid: tuple[int, int, int], tile_elements: int, device: torch.device):
-    """Partial-sum workspace and zeroed per-tile arrival counters for a K-split GEMM launch
-    (placeholders without a split: never touched)."""
-    tiles, splits = grid[0] * grid[1], grid[2]
-    counters = split_counters(device, tiles)
-    if splits == 1:
-        return counters, counters
-    return torch.empty(tiles * splits * tile_elements, dtype=torch.float32, device=device), counters
 
 
 def fp4_moe(
@@ -303,7 +228,7 @@ def fp4_moe(
     if slots == 0:
         return hidden.new_zeros((tokens, size))
     spec = get_format(fmt)
-    cfg = config or choose_moe_config(slots, experts, size, inter, fmt, multiprocessors(hidden.device))
+    cfg = config or choose_moe_config(slots, experts, size, inter, fmt)
     dispatch = dispatch_tokens(topk_ids, experts, cfg.block_m)
     rows = dispatch.slot_of_row.numel()
     check_offsets(max(tokens, slots, rows), max(size, inter))
@@ -325,15 +250,14 @@ def fp4_moe(
     down_packed, down_scales = down_packed.contiguous(), down_scales.contiguous()
     intermediate = torch.empty((rows, inter), dtype=torch.float32 if nvfp4_w4a4 else dot_dtype, device=hidden.device)
     block_k = cfg.gate_up_block_k
-    grid = (triton.cdiv(inter, cfg.block_n), dispatch.tiles, cfg.gate_up_split_k)
-    _gate_up_kernel[grid](
+    _gate_up_kernel[(triton.cdiv(inter, cfg.block_n), dispatch.tiles)](
         x, dispatch.slot_of_row, dispatch.counts, gate_up_packed, gate_up_scales, gate_up_global_scale,
         x_global_scale, gate_up_bias.contiguous() if gate_up_bias is not None else amax, intermediate, amax,
-        *_split_buffers(grid, cfg.block_m * cfg.block_n * 2, hidden.device), tokens, inter, size, size // 2, size // spec.group_size, x.stride(0), experts, float(alpha), float(limit),
+        tokens, inter, size, size // 2, size // spec.group_size, x.stride(0), experts, float(alpha), float(limit),
         TOP_K=top_k, CLAMPED=activation == "clamped_swiglu", HAS_BIAS=gate_up_bias is not None,
         HAS_X_SCALE=nvfp4_w4a4, QUANTIZE_OUT=w4a4 and spec is MXFP4, TRACK_AMAX=nvfp4_w4a4,
         EVEN_K=size % block_k == 0, SCALE_WORDS=_scale_words(size, block_k, spec.group_size, gate_up_scales),
-        BLOCK_K=block_k, SPLIT_K=cfg.gate_up_split_k, FMA_DIVISION=on_gpu, **kernel_args,
+        BLOCK_K=block_k, FMA_DIVISION=on_gpu, **kernel_args,
     )
     if nvfp4_w4a4:
         # The intermediate's global scale needs its amax over every row first: a pass of its own.
@@ -341,14 +265,12 @@ def fp4_moe(
     slot_out = torch.empty((slots, size), dtype=torch.float32, device=hidden.device)
     weights = topk_weights.reshape(-1).contiguous()
     block_k = cfg.down_block_k
-    grid = (triton.cdiv(size, cfg.block_n), dispatch.tiles, cfg.down_split_k)
-    _down_kernel[grid](
+    _down_kernel[(triton.cdiv(size, cfg.block_n), dispatch.tiles)](
         intermediate, dispatch.slot_of_row, dispatch.counts, weights, down_packed, down_scales, down_global_scale,
         x_global_scale, down_bias.contiguous() if down_bias is not None else amax, slot_out,
-        *_split_buffers(grid, cfg.block_m * cfg.block_n, hidden.device), rows, size, inter, inter // 2, inter // spec.group_size, experts,
+        rows, size, inter, inter // 2, inter // spec.group_size, experts,
         HAS_BIAS=down_bias is not None, HAS_X_SCALE=nvfp4_w4a4, EVEN_K=inter % block_k == 0,
-        SCALE_WORDS=_scale_words(inter, block_k, spec.group_size, down_scales), BLOCK_K=block_k,
-        SPLIT_K=cfg.down_split_k, **kernel_args,
+        SCALE_WORDS=_scale_words(inter, block_k, spec.group_size, down_scales), BLOCK_K=block_k, **kernel_args,
     )
     out = torch.empty((tokens, size), dtype=hidden.dtype, device=hidden.device)
     combine_block = min(1024, triton.next_power_of_2(size))
