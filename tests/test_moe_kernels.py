@@ -101,6 +101,12 @@ def test_dispatch_groups_every_routed_slot_by_expert_with_aligned_padding(tokens
     assert start <= dispatch.slot_of_row.numel()
 
 
+def test_mxfp4_w4a4_refuses_tiles_that_split_a_group(rng):
+    weights = experts(2, 64, 64, "mxfp4", rng, bias=False)
+    with pytest.raises(ValueError, match="block_n=16"):
+        run_both(2, weights, 1, "mxfp4", "fp4", "silu", rng, config=moe_kernels.MoeConfig(16, 16, 64, 64))
+
+
 def test_no_routed_slot_gives_zeros(rng):
     if DEVICE != "cpu":
         pytest.skip("interpreter test")

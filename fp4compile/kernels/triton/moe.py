@@ -1,25 +1,26 @@
 """``fp4::moe`` on CUDA: grouped fp4 GEMMs over the routed tokens, with SwiGLU, activation
 quantization and the routing weights fused in. No host sync anywhere (CUDA-graph safe).
 
-Five launches (W4A16): ``moe_dispatch`` (a memset and two small kernels) groups the (token,
-choice) slots by expert; then
+``moe_dispatch`` groups the (token, choice) slots by expert (one launch up to 128 slots, three
+above); then
 
 1. ``_gate_up_kernel``: per (M tile of one expert's rows, N tile of the intermediate), the gate
    and the up rows of the expert's weight are decoded from fp4 in registers (``gemm.weight_tile``)
    and multiplied with the gathered tokens on bf16 tensor cores; the epilogue applies the global
-   scale, the bias and the activation and writes the intermediate in row order. For W4A4 with
-   NVFP4 it also takes the intermediate's amax (an atomic max), whose global scale the down
-   projection needs before it can quantize anything.
-2. ``_down_kernel``: the same over the intermediate rows. For W4A4 the intermediate is
-   quantized as it is loaded, tile by tile (``quantize.fake_quantize_tile``, bit for bit the
-   reference quantizer): no pass of its own. The epilogue applies alpha, the bias and the slot's
-   routing weight and writes the slot's float32 output row.
+   scale, the bias and the activation and writes the intermediate in row order. W4A4 MXFP4: the
+   epilogue also quantizes it (the groups of 32 lie within the tile; ``fake_quantize_tile``, bit
+   for bit the reference quantizer). W4A4 NVFP4: its global scale needs the amax over every row
+   first, so the epilogue stores float32 and takes the amax (an atomic max), and the quantize
+   kernel makes one pass with that amax.
+2. ``_down_kernel``: the same over the intermediate rows; the epilogue applies alpha, the bias
+   and the slot's routing weight and writes the slot's float32 output row.
 3. ``_combine_kernel``: each token's output is the sum of its slots' rows, in choice order
    (deterministic, unlike atomics into the output), cast to the hidden states' dtype once.
 
 W4A4 quantizes the hidden states first (``fp4_fake_quantize``, once per token rather than once
 per chosen expert). Numerics follow the linear kernels: float32 accumulation, W4A16 activations
-and intermediate in bf16, W4A4's intermediate float32 until it is quantized.
+and intermediate in bf16. Measured choices (split-K at decode, swapped dots at prefill: both
+slower) are in ``benchmarks/RESULTS.md``.
 """
 
 from dataclasses import dataclass
@@ -240,6 +241,9 @@ def fp4_moe(
                        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages)
     w4a4 = act_mode == "fp4"
+    if w4a4 and spec is MXFP4 and cfg.block_n % spec.group_size:
+        raise ValueError(f"MXFP4 W4A4 quantizes the intermediate in tiles of block_n columns, which must hold whole "
+                         f"groups of {spec.group_size}; got block_n={cfg.block_n}")
     nvfp4_w4a4 = w4a4 and spec is not MXFP4  # activations carry a global scale
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     x_global_scale = gate_up_global_scale  # not read unless nvfp4_w4a4
