@@ -157,9 +157,9 @@ def main() -> None:
             fp4_bytes = sum(t.numel() * t.element_size() for w in (gate_up, down)
                             for t in (w.packed, w.scales, w.global_scale))
             memory.append((model, fmt, fp4_bytes, bf16_bytes))
+        per_expert = {fmt: sum(w.packed[0].numel() + w.scales[0].numel() for w in q[fmt]) for fmt in q}
         for tokens in map(int, args.tokens.split(",")):
             hidden = torch.randn(tokens, shape["H"], device="cuda", dtype=torch.bfloat16)
-            per_expert = {fmt: sum(w.packed[0].numel() + w.scales[0].numel() for w in q[fmt]) for fmt in q}
             sets = routing_sets(tokens, shape, per_expert["nvfp4"])
             touched = sum(ids.unique().numel() for ids, _ in sets) / len(sets)
             floor = {fmt: (touched * per_expert[fmt] + 2 * hidden.numel() * 2) / bandwidth * 1e3 for fmt in q}

@@ -276,9 +276,10 @@ def choose_config(m: int, n: int, k: int) -> GemmConfig:
     return GemmConfig(128, 64, block_k, num_warps=4, num_stages=3)
 
 
-def _scale_words(k: int, block_k: int, group: int) -> bool:
-    """Whether scale bytes can be loaded as 32-bit words: every K tile whole and 4-group aligned."""
-    return k % block_k == 0 and block_k % (4 * group) == 0 and (k // group) % 4 == 0
+def scale_words(k: int, block_k: int, group: int, scales: torch.Tensor) -> bool:
+    """Whether ``scales``' bytes can be loaded as 32-bit words: every K tile whole and 4-group
+    aligned, and the tensor 4-byte aligned."""
+    return k % block_k == 0 and block_k % (4 * group) == 0 and (k // group) % 4 == 0 and scales.data_ptr() % 4 == 0
 
 
 @functools.cache
@@ -350,7 +351,7 @@ def fp4_gemm(
     on_gpu = a.device.type == "cuda"
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     # Scale bytes are read as 32-bit words when every K tile's are whole and aligned.
-    scale_words = _scale_words(k, cfg.block_k, spec.group_size) and w_scales.data_ptr() % 4 == 0
+    words = scale_words(k, cfg.block_k, spec.group_size, w_scales)
     tiles_n = triton.cdiv(n, cfg.block_n)
     tiles = triton.cdiv(m, cfg.block_m) * tiles_n
     k_tiles = triton.cdiv(k, cfg.block_k)
@@ -363,7 +364,7 @@ def fp4_gemm(
         a, w_packed, w_scales, alpha, bias_arg, out, partial, counters,
         m, n, k, k // 2, k // spec.group_size, a.stride(0), tiles_n, k_tiles, units,
         GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None,
-        EVEN_K=k % cfg.block_k == 0, SCALE_WORDS=scale_words,
+        EVEN_K=k % cfg.block_k == 0, SCALE_WORDS=words,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_ASM=on_gpu and has_bf16x2_multiply(a.device), DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

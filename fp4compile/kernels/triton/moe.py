@@ -31,7 +31,9 @@ import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
 from .codecs import check_offsets
-from .gemm import activation_tile, dot_even_odd, has_bf16x2_multiply, mx_row_exponent, undo_decode_factor, weight_tile
+from .gemm import (
+    activation_tile, dot_even_odd, has_bf16x2_multiply, mx_row_exponent, scale_words, undo_decode_factor, weight_tile,
+)
 from .moe_dispatch import dispatch_tokens, tile_expert
 from .quantize import fake_quantize_tile, finite_amax, fp4_fake_quantize
 
@@ -196,11 +198,6 @@ def choose_moe_config(slots: int, experts: int, hidden: int, inter: int, fmt: st
     return MoeConfig(16, 64, gate_up_k, down_k)
 
 
-def _scale_words(k: int, block_k: int, group: int, scales: torch.Tensor) -> bool:
-    """Whether scale bytes can be read as 32-bit words (as ``gemm._scale_words``)."""
-    return k % block_k == 0 and block_k % (4 * group) == 0 and (k // group) % 4 == 0 and scales.data_ptr() % 4 == 0
-
-
 def fp4_moe(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -260,7 +257,7 @@ def fp4_moe(
         tokens, inter, size, size // 2, size // spec.group_size, x.stride(0), experts, float(alpha), float(limit),
         TOP_K=top_k, CLAMPED=activation == "clamped_swiglu", HAS_BIAS=gate_up_bias is not None,
         HAS_X_SCALE=nvfp4_w4a4, QUANTIZE_OUT=w4a4 and spec is MXFP4, TRACK_AMAX=nvfp4_w4a4,
-        EVEN_K=size % block_k == 0, SCALE_WORDS=_scale_words(size, block_k, spec.group_size, gate_up_scales),
+        EVEN_K=size % block_k == 0, SCALE_WORDS=scale_words(size, block_k, spec.group_size, gate_up_scales),
         BLOCK_K=block_k, FMA_DIVISION=on_gpu, **kernel_args,
     )
     if nvfp4_w4a4:
@@ -274,7 +271,7 @@ def fp4_moe(
         x_global_scale, down_bias.contiguous() if down_bias is not None else amax, slot_out,
         rows, size, inter, inter // 2, inter // spec.group_size, experts,
         HAS_BIAS=down_bias is not None, HAS_X_SCALE=nvfp4_w4a4, EVEN_K=inter % block_k == 0,
-        SCALE_WORDS=_scale_words(inter, block_k, spec.group_size, down_scales), BLOCK_K=block_k, **kernel_args,
+        SCALE_WORDS=scale_words(inter, block_k, spec.group_size, down_scales), BLOCK_K=block_k, **kernel_args,
     )
     out = torch.empty((tokens, size), dtype=hidden.dtype, device=hidden.device)
     combine_block = min(1024, triton.next_power_of_2(size))

@@ -37,14 +37,29 @@ SMALL_SLOTS = 128
 
 
 @triton.jit
+def _padded_bounds(counts, BLOCK_M: tl.constexpr):
+    """Per expert, from its row count: (first padded row, one past its last padded row)."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    return ends - padded, ends
+
+
+@triton.jit
 def expert_offsets(counts_ptr, EXPERTS, BLOCK_M: tl.constexpr, EXPERTS_POW2: tl.constexpr):
     """Per expert (padded to EXPERTS_POW2 with empty experts): (expert indices, row counts, first
     padded row, one past the last padded row)."""
     experts = tl.arange(0, EXPERTS_POW2)
     counts = tl.load(counts_ptr + experts, mask=experts < EXPERTS, other=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)
-    return experts, counts, ends - padded, ends
+    starts, ends = _padded_bounds(counts, BLOCK_M)
+    return experts, counts, starts, ends
+
+
+@triton.jit
+def _routed_slots(ids_ptr, slots, SLOTS, EXPERTS):
+    """The expert ids of ``slots`` (int32) and which of them are routed (a slot < SLOTS whose id
+    lies in [0, EXPERTS))."""
+    ids = tl.load(ids_ptr + slots, mask=slots < SLOTS, other=-1).to(tl.int32)
+    return ids, (slots < SLOTS) & (ids >= 0) & (ids < EXPERTS)
 
 
 @triton.jit
@@ -65,8 +80,7 @@ def tile_expert(counts_ptr, row0, EXPERTS, BLOCK_M: tl.constexpr, EXPERTS_POW2: 
 def _rank_kernel(ids_ptr, counts_ptr, ranks_ptr, SLOTS, EXPERTS, BLOCK: tl.constexpr):
     """counts[e] (zeroed) <- number of slots routed to e; ranks[slot] <- the slot's place among them."""
     slots = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + slots, mask=slots < SLOTS, other=-1).to(tl.int32)
-    routed = (slots < SLOTS) & (ids >= 0) & (ids < EXPERTS)
+    ids, routed = _routed_slots(ids_ptr, slots, SLOTS, EXPERTS)
     rank = tl.atomic_add(counts_ptr + tl.where(routed, ids, 0), 1, mask=routed)
     tl.store(ranks_ptr + slots, rank, mask=routed)
 
@@ -77,8 +91,7 @@ def _place_kernel(ids_ptr, counts_ptr, ranks_ptr, slot_of_row_ptr, SLOTS, EXPERT
     """slot_of_row[first padded row of e + rank] <- slot, for every routed slot."""
     _, _, starts, _ = expert_offsets(counts_ptr, EXPERTS, BLOCK_M, EXPERTS_POW2)
     slots = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + slots, mask=slots < SLOTS, other=-1).to(tl.int32)
-    routed = (slots < SLOTS) & (ids >= 0) & (ids < EXPERTS)
+    ids, routed = _routed_slots(ids_ptr, slots, SLOTS, EXPERTS)
     first = tl.gather(starts, tl.where(routed, ids, 0), 0)
     rank = tl.load(ranks_ptr + slots, mask=routed, other=0)
     tl.store(slot_of_row_ptr + first + rank, slots, mask=routed)
@@ -89,14 +102,12 @@ def _dispatch_small_kernel(ids_ptr, counts_ptr, slot_of_row_ptr, SLOTS, EXPERTS,
                            EXPERTS_POW2: tl.constexpr, SLOTS_POW2: tl.constexpr):
     """counts and slot_of_row of a few slots in one program, without atomics (no zeroed counts)."""
     slots = tl.arange(0, SLOTS_POW2)
-    ids = tl.load(ids_ptr + slots, mask=slots < SLOTS, other=-1).to(tl.int32)
-    routed = (slots < SLOTS) & (ids >= 0) & (ids < EXPERTS)
+    ids, routed = _routed_slots(ids_ptr, slots, SLOTS, EXPERTS)
     ids = tl.where(routed, ids, EXPERTS_POW2)  # matches no expert
     experts = tl.arange(0, EXPERTS_POW2)
     counts = tl.sum((ids[None, :] == experts[:, None]).to(tl.int32), axis=1)
     tl.store(counts_ptr + experts, counts, mask=experts < EXPERTS)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    starts = tl.cumsum(padded, axis=0) - padded
+    starts, _ = _padded_bounds(counts, BLOCK_M)
     rank = tl.sum(((ids[None, :] == ids[:, None]) & (slots[None, :] < slots[:, None])).to(tl.int32), axis=1)
     first = tl.gather(starts, tl.where(routed, ids, 0), 0)
     tl.store(slot_of_row_ptr + first + rank, slots, mask=routed)
