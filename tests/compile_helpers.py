@@ -27,10 +27,12 @@ class GraphCapture:
 
     def __init__(self):
         self.graphs = []
+        self.inductor_options = []
 
-    def __call__(self, gm, example_inputs):
+    def __call__(self, gm, example_inputs, inductor_options):
         self.graphs.append(copy.deepcopy(gm.graph))
-        return compile_with_inductor(gm, example_inputs)
+        self.inductor_options.append(inductor_options)
+        return compile_with_inductor(gm, example_inputs, inductor_options)
 
     def count(self, target, graph: int | None = None) -> int:
         """Calls of ``target`` in all captured graphs, or in the ``graph``-th one."""
@@ -61,6 +63,23 @@ def fake_quant_copy(model: nn.Module, config: Fp4Config, names: list[str]) -> nn
             layer.register_forward_pre_hook(
                 lambda m, args: fp4compile.dequantize(fp4compile.quantize(args[0], config.format), args[0].dtype)
             )
+    return ref
+
+
+def fake_quant_experts(model, config: Fp4Config):
+    """Eager reference: every experts module's weights replaced by their fp4 values, quantized
+    here independently of the pass (rows along the input dimension; gpt-oss stores (E, K, N))."""
+    ref = copy.deepcopy(model)
+    stored_kn = model.config.model_type == "gpt_oss"
+    for name, module in ref.named_modules():
+        if not name.endswith(".experts"):
+            continue
+        for projection in ("gate_up_proj", "down_proj"):
+            weight = getattr(module, projection)
+            matrix = weight.detach().transpose(-2, -1) if stored_kn else weight.detach()
+            q = fp4compile.quantize(matrix, config.format, scale_rule=config.scale_rule)
+            values = fp4compile.dequantize(q, weight.dtype)
+            weight.data = values.transpose(-2, -1).contiguous() if stored_kn else values
     return ref
 
 

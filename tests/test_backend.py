@@ -11,21 +11,13 @@ from compile_helpers import (  # noqa: F401
     fresh_dynamo,
     relative,
 )
+from tiny_models import tiny_llama
 from torch import nn
 
 import fp4compile
 from fp4compile import Fp4Config, quantized_weights
 
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama(**overrides) -> nn.Module:
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, **overrides,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
 
 
 LLAMA_LINEARS = [f"model.layers.{i}.{p}" for i in range(2) for p in (
@@ -302,11 +294,27 @@ def test_module_paths_from_dynamo_sources(source: str, path: str):
     assert module_path(source) == path
 
 
-def test_unsupported_compile_modes_are_refused_before_quantizing():
+def test_unknown_compile_modes_are_refused_before_quantizing():
     model = nn.Linear(32, 32)
-    with torch.no_grad(), pytest.raises(Exception, match="does not support mode='reduce-overhead' yet"):
-        torch.compile(model, backend="fp4", mode="reduce-overhead")(torch.randn(1, 32))
+    with torch.no_grad(), pytest.raises(Exception, match="unknown torch.compile mode 'fastest' for the fp4 backend"):
+        torch.compile(model, backend="fp4", mode="fastest")(torch.randn(1, 32))
     assert quantized_weights.lookup(model.weight) is None
+
+
+@pytest.mark.parametrize("mode, settings", [
+    (None, {}),
+    ("reduce-overhead", {"triton.cudagraphs": True}),
+    ("max-autotune-no-cudagraphs", {"max_autotune": True, "coordinate_descent_tuning": True}),
+])
+def test_compile_modes_reach_inductor_as_its_own_settings(mode: str | None, settings: dict):
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16))
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        compiled, capture = compile_captured(model, Fp4Config(release_weights=False), mode=mode)
+        out = compiled(x)
+    assert capture.inductor_options == [settings]
+    assert capture.count(FP4_LINEAR) == 2
+    assert relative(out, model(x)) < 0.2
 
 
 def test_compiling_logs_a_summary_at_info(caplog: pytest.LogCaptureFixture):

@@ -1,11 +1,11 @@
 """The MoE pass on tiny Hugging Face MoE models of every listed family (CPU, reference op)."""
 
-import copy
 import logging
 
 import pytest
 import torch
-from compile_helpers import GraphCapture, fresh_dynamo, relative  # noqa: F401
+from compile_helpers import GraphCapture, fake_quant_experts, fresh_dynamo, relative  # noqa: F401
+from tiny_models import MOE_FAMILIES, tiny_moe
 
 import fp4compile
 from fp4compile import Fp4Config
@@ -15,45 +15,7 @@ from fp4compile.report import layer_records
 transformers = pytest.importorskip("transformers")
 
 FP4_MOE = torch.ops.fp4.moe.default
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=256, head_dim=16)
-FAMILIES = {  # model type -> (config fields, MoE layers among the 2)
-    "qwen3_moe": (dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True), 2),
-    "qwen2_moe": (dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=96), 2),
-    "mixtral": (dict(num_local_experts=8, num_experts_per_tok=2), 2),
-    "gpt_oss": (dict(num_local_experts=8, num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"]), 2),
-    "deepseek_v3": (dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
-                         first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
-                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8, num_key_value_heads=4), 1),
-}
 EXPERTS_ONLY = Fp4Config(include=("*.experts",), release_weights=False)
-
-
-def tiny_moe(family: str, implementation: str, dtype: torch.dtype = torch.float32):
-    fields, _ = FAMILIES[family]
-    config = transformers.AutoConfig.for_model(family, **{**COMMON, **fields})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
-    model.set_experts_implementation(implementation)
-    return model
-
-
-def fake_quant_experts(model, config: Fp4Config):
-    """Eager reference: every experts module's weights replaced by their fp4 values, quantized
-    here independently of the pass (rows along the input dimension; gpt-oss stores (E, K, N))."""
-    ref = copy.deepcopy(model)
-    stored_kn = model.config.model_type == "gpt_oss"
-    for name, module in ref.named_modules():
-        if not name.endswith(".experts"):
-            continue
-        for projection in ("gate_up_proj", "down_proj"):
-            weight = getattr(module, projection)
-            matrix = weight.detach().transpose(-2, -1) if stored_kn else weight.detach()
-            q = fp4compile.quantize(matrix, config.format, scale_rule=config.scale_rule)
-            values = fp4compile.dequantize(q, weight.dtype)
-            weight.data = values.transpose(-2, -1).contiguous() if stored_kn else values
-    return ref
 
 
 def expert_bytes_quantized(model) -> float:
@@ -63,7 +25,7 @@ def expert_bytes_quantized(model) -> float:
 
 
 @pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(MOE_FAMILIES))
 def test_every_family_runs_its_experts_as_one_fp4_moe_op(family: str, implementation: str):
     model = tiny_moe(family, implementation)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -74,7 +36,7 @@ def test_every_family_runs_its_experts_as_one_fp4_moe_op(family: str, implementa
         logits = torch.compile(model, backend=Fp4Backend(EXPERTS_ONLY, capture))(ids).logits
         expected = reference(ids).logits
     assert len(capture.graphs) == 1  # no graph break inside (or around) the MoE blocks
-    assert capture.count(FP4_MOE) == FAMILIES[family][1]
+    assert capture.count(FP4_MOE) == MOE_FAMILIES[family][1]
     leftover = [n.target for g in capture.graphs for n in g.nodes
                 if n.op == "call_function" and (n.target in (torch._grouped_mm, torch.bmm) or "grouped_mm" in str(n.target))]
     assert leftover == []
@@ -171,6 +133,6 @@ def test_compiled_model_runs_the_triton_moe_kernels_on_gpu(family: str, implemen
     with torch.no_grad():
         logits = torch.compile(model, backend=Fp4Backend(EXPERTS_ONLY, capture))(ids).logits
         expected = reference(ids).logits
-    assert capture.count(FP4_MOE) == FAMILIES[family][1]
+    assert capture.count(FP4_MOE) == MOE_FAMILIES[family][1]
     assert {r.implementation for r in layer_records(model) if len(r.shape) == 3} == {"triton"}
     assert relative(logits, expected) < 3e-2

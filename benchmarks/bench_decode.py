@@ -1,0 +1,185 @@
+"""Whole-model decoding of fp4-compiled HF models against bf16, under CUDA graphs, in one GPU run.
+
+Models are transformers classes built from configs with random weights (no downloads), in bf16
+on the GPU: ``llama3-8b`` (``LlamaForCausalLM`` with Llama-3-8B's shape) and ``qwen3-30b-a3b``
+(``Qwen3MoeForCausalLM`` with Qwen3-30B-A3B's shape; ``--layers`` keeps the first N of its 48
+layers when memory or time requires, and the table says so).
+
+Each variant gets a fresh model (fp4 compilation releases the bf16 weights), compiled in place
+with CUDA graphs: bf16 with ``model.compile(mode="reduce-overhead")`` (Inductor), fp4 with
+``model.compile(backend=fp4compile.backend(cfg), mode="reduce-overhead")``. It then decodes with
+``generate(cache_implementation="static", disable_compile=True)``: greedy, a random prompt of
+``--prompt`` tokens per sequence, exactly ``--new`` new tokens, the static cache sized once.
+Per batch size:
+
+- **decode tok/s** = batch * (new - 1) / (t(new) - t(1)), where t(k) is the median time of a warm
+  ``generate`` of k new tokens (prefill and HF's per-step Python included, as a user sees it);
+- **TTFT** = t(1): prefill plus the first token;
+- **compile s**: the first ``generate`` minus a warm one (tracing, quantizing, Inductor, graph
+  recording); at the first batch size it covers the prefill and decode graphs;
+- **logits err**: relative L2 of the first generated token's logits against the bf16 model's on
+  the same prompt (same weights: every variant is built from the same seed);
+- **weights GiB**: the bytes the model's weights occupy after compilation (fp4 codes, scales and
+  global scales of quantized layers; everything else, e.g. the embeddings and the bf16 LM head,
+  at its size), against bf16; **peak GiB**: the largest allocation during the warm runs.
+
+    python benchmarks/bench_decode.py --model llama3-8b [--batches 1,16] [--variants bf16,nvfp4-w4a16,...]
+"""
+
+import argparse
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+import fp4compile
+from fp4compile import Fp4Config, quantized_weights
+from fp4compile.report import layer_records
+
+MODELS = {
+    "llama3-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                rope_theta=500000.0, max_position_embeddings=8192)),
+    "qwen3-30b-a3b": ("qwen3_moe", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                                        head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                                        vocab_size=151936, max_position_embeddings=32768)),
+}
+VARIANTS = {
+    "bf16": None,
+    "mxfp4-w4a16": Fp4Config(format="mxfp4"),
+    "nvfp4-w4a16": Fp4Config(format="nvfp4"),
+    "mxfp4-w4a4": Fp4Config(format="mxfp4", act_mode="fp4"),
+    "nvfp4-w4a4": Fp4Config(format="nvfp4", act_mode="fp4"),
+}
+REPEATS = 3
+
+
+@dataclass
+class Row:
+    variant: str
+    batch: int
+    tokens_per_s: float
+    ttft_ms: float
+    compile_s: float
+    logits_error: float
+    weights_gib: float
+    peak_gib: float
+
+
+def build(model_name: str, layers: int | None):
+    """The model at its real shape (``layers`` of them if given), bf16 on the GPU, seed 0."""
+    import transformers
+
+    kind, fields = MODELS[model_name]
+    config = transformers.AutoConfig.for_model(kind, **{**fields, **({"num_hidden_layers": layers} if layers else {})})
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's weights as they are now: quantized ones at their fp4 size."""
+    quantized = {r.name: r for r in layer_records(model) if r.skipped is None}
+    total = sum(r.bytes_after for r in quantized.values())
+    for param in model.parameters():
+        if quantized_weights.lookup(param) is None or not quantized_weights.is_released(param):
+            total += param.numel() * param.element_size()
+    return total
+
+
+def generate(model, prompt: torch.Tensor, new_tokens: int, cache_length: int):
+    """Seconds of one greedy ``generate`` of exactly ``new_tokens``, and the first token's logits."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                         max_cache_len=cache_length, disable_compile=True, pad_token_id=0,
+                         return_dict_in_generate=True, output_logits=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out.logits[0].float()
+
+
+def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -> list[Row]:
+    model = build(args.model, args.layers)
+    bf16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    config = VARIANTS[variant]
+    if config is None:
+        model.compile(mode="reduce-overhead")
+    else:
+        model.compile(backend=fp4compile.backend(config), mode="reduce-overhead")
+    cache_length = args.prompt + args.new
+    rows = []
+    with torch.no_grad():
+        for batch in args.batches:
+            prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt),
+                                   generator=torch.Generator().manual_seed(batch)).cuda()
+            first, _ = generate(model, prompt, args.new, cache_length)
+            torch.cuda.reset_peak_memory_stats()
+            full = statistics.median(generate(model, prompt, args.new, cache_length)[0] for _ in range(REPEATS))
+            short_runs = [generate(model, prompt, 1, cache_length) for _ in range(REPEATS)]
+            short = statistics.median(t for t, _ in short_runs)
+            logits = short_runs[0][1]
+            if variant == "bf16":
+                reference_logits[batch] = logits
+            error = ((logits - reference_logits[batch]).norm() / reference_logits[batch].norm()).item() \
+                if batch in reference_logits else float("nan")
+            row = Row(variant, batch, batch * (args.new - 1) / (full - short), short * 1e3, first - full, error,
+                      weight_bytes(model) / 2**30, torch.cuda.max_memory_allocated() / 2**30)
+            print(f"  {variant} batch {batch}: {row.tokens_per_s:.1f} tok/s, TTFT {row.ttft_ms:.1f} ms, compile "
+                  f"{row.compile_s:.1f} s, logits err {error:.4f}, weights {row.weights_gib:.2f} GiB "
+                  f"(bf16 {bf16_bytes / 2**30:.2f}), peak {row.peak_gib:.2f} GiB", flush=True)
+            rows.append(row)
+    del model
+    gc.collect()
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return rows
+
+
+def table(args, rows: list[Row]) -> str:
+    base = {r.batch: r for r in rows if r.variant == "bf16"}
+    layers = f", {args.layers} of its layers" if args.layers else ""
+    lines = [f"{args.model}{layers}; prompt {args.prompt}, {args.new} new tokens; {torch.cuda.get_device_name()}",
+             "",
+             "| variant | batch | decode tok/s | vs bf16 | TTFT ms | compile s | logits err | weights GiB | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = f"{r.tokens_per_s / base[r.batch].tokens_per_s:.2f}x" if r.batch in base else "-"
+        lines.append(f"| {r.variant} | {r.batch} | {r.tokens_per_s:.1f} | {ratio} | {r.ttft_ms:.1f} | {r.compile_s:.1f} "
+                     f"| {r.logits_error:.4f} | {r.weights_gib:.2f} | {r.peak_gib:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=list(MODELS), default="llama3-8b")
+    parser.add_argument("--layers", type=int, default=None, help="keep the first N layers (default: all)")
+    parser.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 16])
+    parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new", type=int, default=256)
+    args = parser.parse_args()
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if args.variants[0] != "bf16":
+        parser.error("the first variant must be bf16: every ratio and logits error is against it, in the same run")
+    reference_logits: dict[int, torch.Tensor] = {}
+    rows = []
+    for variant in args.variants:
+        print(f"{variant}:", flush=True)
+        rows += run_variant(args, variant, reference_logits)
+    print(table(args, rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Decoding fp4-compiled HF models step by step and under CUDA graphs (issue 6).
+
+CPU: ``generate`` with a static cache gives the tokens of an eager fake-quant reference, and
+compiles a fixed number of graphs however many prompt lengths and steps follow;
+``check_capturable`` names the layer that syncs. GPU: ``mode="reduce-overhead"``, HF's own
+compile path for static caches, and a user's ``torch.cuda.CUDAGraph`` capture of a decode step
+all give the tokens or logits of uncaptured runs, with no host sync, no recompile and no memory
+growth over 1,000 steps.
+"""
+
+import pytest
+import torch
+from compile_helpers import fake_quant_copy, fake_quant_experts, fresh_dynamo  # noqa: F401
+from tiny_models import tiny_llama, tiny_moe
+from torch import nn
+
+import fp4compile
+from fp4compile import CaptureError, Fp4Config, check_capturable
+from fp4compile import capture as capture_module
+
+transformers = pytest.importorskip("transformers")
+
+MODELS = {"llama": lambda: tiny_llama(), "qwen3_moe": lambda: tiny_moe("qwen3_moe", "grouped_mm")}
+CACHE_LENGTH = 64
+
+
+def eager_reference(model: nn.Module, config: Fp4Config) -> nn.Module:
+    """A copy of ``model`` with the fp4 values of every layer ``config`` quantizes, run eagerly."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and config.selects(name)[0]]
+    reference = fake_quant_copy(model, config, linears)
+    if any(name.endswith(".experts") for name, _ in model.named_modules()):
+        reference = fake_quant_experts(reference, config)
+    return reference
+
+
+def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int, **kwargs) -> list[int]:
+    """Greedy continuation of ``prompt`` with a static cache of ``CACHE_LENGTH`` positions."""
+    out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         cache_implementation="static", max_cache_len=CACHE_LENGTH, **kwargs)
+    return out[0, prompt.shape[1]:].tolist()
+
+
+def compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_generate_with_a_static_cache_matches_fake_quant_and_stops_compiling(family: str):
+    """Graphs: the prefill at its first length, the decode step, the prefill again once a second
+    length makes its length dynamic; then nothing more, for any prompt length or step."""
+    config = Fp4Config()
+    model = MODELS[family]()
+    reference = eager_reference(model, config)
+    model.compile(backend=fp4compile.backend(config))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i, length in enumerate((7, 11, 5, 9, 16)):
+            prompt = torch.randint(0, 256, (1, length), generator=generator)
+            assert greedy(model, prompt, 8) == greedy(reference, prompt, 8), f"prompt length {length}"
+            if i == 1:
+                graphs = compiled_graphs()
+    assert graphs == 3
+    assert compiled_graphs() == 3
+
+
+class Router(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: called a synchronizing CUDA operation")  # what a sync raises when checked
+
+
+class Block(nn.Module):
+    def __init__(self, syncs: bool):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.router = Router() if syncs else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.router(self.proj(x))
+
+
+def test_check_capturable_names_the_layer_that_syncs(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(capture_module, "_syncs_raise", lambda: __import__("contextlib").nullcontext())
+    model = nn.Sequential(Block(syncs=False), Block(syncs=True))
+    with pytest.raises(CaptureError, match=r"layer '1\.router' \(Router\) synchronizes with the host at .*"
+                                           r"test_decode_capture\.py:\d+ in forward"):
+        check_capturable(model, torch.randn(2, 8))
+    assert check_capturable(model[0], torch.ones(2, 8)).shape == (2, 8)
+
+
+def test_check_capturable_lets_other_errors_through_and_needs_a_gpu(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(capture_module, "_syncs_raise", lambda: __import__("contextlib").nullcontext())
+    with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied"):
+        check_capturable(nn.Linear(8, 8), torch.randn(2, 9))
+    monkeypatch.undo()
+    if not torch.cuda.is_available():
+        with pytest.raises(CaptureError, match="needs a CUDA GPU"):
+            check_capturable(nn.Linear(8, 8), torch.randn(2, 8))
+
+
+# --- GPU -------------------------------------------------------------------------------------
+
+
+def gpu_model(family: str) -> nn.Module:
+    return MODELS[family]().to("cuda", torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", list(MODELS))
+def test_reduce_overhead_generate_gives_the_uncaptured_tokens(family: str):
+    captured, uncaptured = gpu_model(family), gpu_model(family)
+    captured.compile(backend="fp4", mode="reduce-overhead")
+    uncaptured.compile(backend="fp4")
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for length in (12, 5, 9):
+            prompt = torch.randint(0, 256, (1, length), generator=generator).cuda()
+            assert greedy(captured, prompt, 16, disable_compile=True) == greedy(uncaptured, prompt, 16,
+                                                                                disable_compile=True)
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", list(MODELS))
+def test_transformers_compile_path_for_static_caches(family: str):
+    """HF's own path: the prefill runs uncompiled (so the original weights are kept) and the
+    decode step is compiled with the fp4 backend under CUDA graphs; the default mode is the
+    uncaptured twin."""
+    from transformers import CompileConfig
+
+    model = gpu_model(family)
+    fp4 = fp4compile.backend(Fp4Config(release_weights=False))
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        captured = greedy(model, prompt, 16, compile_config=CompileConfig(backend=fp4))
+        assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+        torch._dynamo.reset()
+        assert captured == greedy(model, prompt, 16, compile_config=CompileConfig(backend=fp4, mode="default"))
+
+
+class DecodeStep:
+    """One decode step of a compiled HF model on a static cache, reading its token and position
+    from fixed buffers (what a CUDA graph replays)."""
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor):
+        self.model = model
+        self.cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE_LENGTH)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        self.position = torch.zeros(1, dtype=torch.long, device="cuda")
+        self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True,
+                   cache_position=torch.arange(prompt.shape[1], device="cuda"))
+
+    def set(self, token: int, position: int) -> None:
+        self.token.fill_(token)
+        self.position.fill_(position)
+
+    def __call__(self) -> torch.Tensor:
+        return self.model(input_ids=self.token, past_key_values=self.cache, cache_position=self.position,
+                          use_cache=True).logits
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", list(MODELS))
+def test_a_users_cuda_graph_of_a_decode_step_replays_like_the_uncaptured_step(family: str):
+    """Each replay rewrites the cache entry at its position, and the uncaptured step then rewrites
+    the same entry with the same values, so the two must agree bit for bit, step after step."""
+    model = gpu_model(family)
+    model.compile(backend="fp4")
+    prompt_length = 6
+    with torch.no_grad():
+        step = DecodeStep(model, torch.randint(0, 256, (1, prompt_length), device="cuda"))
+        step.set(1, prompt_length)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        check_capturable(step.model, input_ids=step.token, past_key_values=step.cache, cache_position=step.position,
+                         use_cache=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured_logits = step()
+        graphs = compiled_graphs()
+        replayed, uncaptured = [], []
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(20):
+                step.set(token=(7 * i) % 256, position=prompt_length + i)
+                graph.replay()
+                replayed.append(captured_logits.clone())
+                uncaptured.append(step())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert compiled_graphs() == graphs
+    for i, (a, b) in enumerate(zip(replayed, uncaptured)):
+        assert torch.equal(a, b), f"step {i}"
+    assert not torch.equal(replayed[0], replayed[1])
+
+
+@pytest.mark.cuda
+def test_a_thousand_captured_steps_sync_never_recompile_never_and_keep_their_memory():
+    model = gpu_model("qwen3_moe")
+    model.compile(backend="fp4", mode="reduce-overhead")
+    prompt_length = 4
+    with torch.no_grad():
+        step = DecodeStep(model, torch.randint(0, 256, (1, prompt_length), device="cuda"))
+        for i in range(3):  # cudagraph trees: warm-up, then recording
+            step.set(i, prompt_length + i)
+            step()
+        graphs = compiled_graphs()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(1000):
+                torch.compiler.cudagraph_mark_step_begin()
+                step.set((11 * i) % 256, prompt_length + i % (CACHE_LENGTH - prompt_length))
+                logits = step()
+                if i == 9:
+                    memory = torch.cuda.memory_allocated()  # measured with one step's logits alive, as at the end
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(logits).all()
+    assert compiled_graphs() == graphs
+    assert torch.cuda.memory_allocated() == memory
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+
+
+@pytest.mark.cuda
+def test_check_capturable_names_hf_eager_experts_and_passes_grouped_ones():
+    prompt = torch.randint(0, 256, (1, 5), device="cuda")
+    with torch.no_grad():
+        for implementation in ("grouped_mm", "eager"):
+            model = tiny_moe("qwen3_moe", implementation).to("cuda", torch.bfloat16)
+            model.compile(backend="fp4")
+            model(prompt)  # compiles: quantizing may sync, a step may not
+            if implementation == "grouped_mm":
+                assert check_capturable(model, prompt).logits.shape == (1, 5, 256)
+            else:
+                with pytest.raises(CaptureError, match=r"layer 'model\.layers\.0\.mlp\.experts' \(Qwen3MoeExperts\)"):
+                    check_capturable(model, prompt)
