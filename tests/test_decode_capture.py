@@ -34,9 +34,14 @@ def eager_reference(model: nn.Module, config: Fp4Config) -> nn.Module:
 
 
 def greedy(model: nn.Module, prompt: torch.Tensor, new_tokens: int, **kwargs) -> list[int]:
-    """Greedy continuation of ``prompt`` with a static cache of ``CACHE_LENGTH`` positions."""
+    """Greedy continuation of ``prompt`` with a static cache of ``CACHE_LENGTH`` positions.
+
+    ``prefill_chunk_size`` makes HF allocate the cache before the first forward instead of inside
+    it: a compiled prefill would otherwise create the cache tensors in its graph (under CUDA graphs,
+    in memory the next replay overwrites), and it sends the prefill through the compiled call."""
     out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         cache_implementation="static", max_cache_len=CACHE_LENGTH, **kwargs)
+                         cache_implementation="static", max_cache_len=CACHE_LENGTH, prefill_chunk_size=CACHE_LENGTH,
+                         **kwargs)
     return out[0, prompt.shape[1]:].tolist()
 
 
@@ -122,13 +127,13 @@ def test_reduce_overhead_generate_gives_the_uncaptured_tokens(family: str):
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", list(MODELS))
 def test_transformers_compile_path_for_static_caches(family: str):
-    """HF's own path: the prefill runs uncompiled (so the original weights are kept) and the
-    decode step is compiled with the fp4 backend under CUDA graphs; the default mode is the
-    uncaptured twin."""
+    """HF's own path (``compile_config``): with ``prefill_chunk_size`` HF compiles the prefill too
+    (the original weights are never run, so they can be released), under CUDA graphs; the default
+    mode is the uncaptured twin."""
     from transformers import CompileConfig
 
     model = gpu_model(family)
-    fp4 = fp4compile.backend(Fp4Config(release_weights=False))
+    fp4 = fp4compile.backend()
     prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(3)).cuda()
     with torch.no_grad():
         captured = greedy(model, prompt, 16, compile_config=CompileConfig(backend=fp4))
@@ -144,6 +149,10 @@ class DecodeStep:
     def __init__(self, model: nn.Module, prompt: torch.Tensor):
         self.model = model
         self.cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE_LENGTH)
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.cache.early_initialization(batch_size=1, num_heads=config.num_key_value_heads, head_dim=head_dim,
+                                        dtype=model.dtype, device=torch.device("cuda"))  # outside any graph
         self.token = torch.zeros(1, 1, dtype=torch.long, device="cuda")
         self.position = torch.zeros(1, dtype=torch.long, device="cuda")
         self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True,
