@@ -16,6 +16,10 @@ Per batch size:
 
 - **decode tok/s** = batch * (new - 1) / (t(new) - t(1)), where t(k) is the median time of a warm
   ``generate`` of k new tokens (prefill and HF's per-step Python included, as a user sees it);
+- **step ms** = the wall time of one decode step, (t(new) - t(1)) / (new - 1), and **GPU ms**, the
+  kernel time of one step (torch.profiler's sum over kernels, CUDA-graph replays included, of a
+  17-token ``generate`` minus a 1-token one, over 16): the difference is host time the GPU waits
+  for (HF's per-step Python, guards, CUDA-graph launch);
 - **TTFT** = t(1): prefill plus the first token;
 - **compile s**: the first ``generate`` minus a warm one (tracing, quantizing, Inductor, graph
   recording); at the first batch size it covers the prefill and decode graphs;
@@ -64,6 +68,8 @@ class Row:
     variant: str
     batch: int
     tokens_per_s: float
+    step_ms: float
+    gpu_step_ms: float
     ttft_ms: float
     compile_s: float
     logits_error: float
@@ -111,6 +117,13 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, cache_length: int):
     return time.perf_counter() - start, out.logits[0].float()
 
 
+def gpu_seconds(model, prompt: torch.Tensor, new_tokens: int, cache_length: int) -> float:
+    """Kernel time of one ``generate`` (summed over kernels, as torch.profiler records them)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        generate(model, prompt, new_tokens, cache_length)
+    return sum(event.self_device_time_total for event in profile.key_averages()) / 1e6
+
+
 def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -> list[Row]:
     model = build(args.model, args.layers)
     bf16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -135,9 +148,12 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -
                 reference_logits[batch] = logits
             error = ((logits - reference_logits[batch]).norm() / reference_logits[batch].norm()).item() \
                 if batch in reference_logits else float("nan")
-            row = Row(variant, batch, batch * (args.new - 1) / (full - short), short * 1e3, first - full, error,
-                      weight_bytes(model) / 2**30, torch.cuda.max_memory_allocated() / 2**30)
-            print(f"  {variant} batch {batch}: {row.tokens_per_s:.1f} tok/s, TTFT {row.ttft_ms:.1f} ms, compile "
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            gpu_step = (gpu_seconds(model, prompt, 17, cache_length) - gpu_seconds(model, prompt, 1, cache_length)) / 16
+            row = Row(variant, batch, batch * (args.new - 1) / (full - short), (full - short) / (args.new - 1) * 1e3,
+                      gpu_step * 1e3, short * 1e3, first - full, error, weight_bytes(model) / 2**30, peak)
+            print(f"  {variant} batch {batch}: {row.tokens_per_s:.1f} tok/s, step {row.step_ms:.2f} ms (GPU "
+                  f"{row.gpu_step_ms:.2f}), TTFT {row.ttft_ms:.1f} ms, compile "
                   f"{row.compile_s:.1f} s, logits err {error:.4f}, weights {row.weights_gib:.2f} GiB "
                   f"(bf16 {bf16_bytes / 2**30:.2f}), peak {row.peak_gib:.2f} GiB", flush=True)
             rows.append(row)
@@ -153,11 +169,13 @@ def table(args, rows: list[Row]) -> str:
     layers = f", {args.layers} of its layers" if args.layers else ""
     lines = [f"{args.model}{layers}; prompt {args.prompt}, {args.new} new tokens; {torch.cuda.get_device_name()}",
              "",
-             "| variant | batch | decode tok/s | vs bf16 | TTFT ms | compile s | logits err | weights GiB | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | batch | decode tok/s | vs bf16 | step ms | GPU ms | TTFT ms | compile s | logits err "
+             "| weights GiB | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r.tokens_per_s / base[r.batch].tokens_per_s:.2f}x" if r.batch in base else "-"
-        lines.append(f"| {r.variant} | {r.batch} | {r.tokens_per_s:.1f} | {ratio} | {r.ttft_ms:.1f} | {r.compile_s:.1f} "
+        lines.append(f"| {r.variant} | {r.batch} | {r.tokens_per_s:.1f} | {ratio} | {r.step_ms:.2f} | {r.gpu_step_ms:.2f} "
+                     f"| {r.ttft_ms:.1f} | {r.compile_s:.1f} "
                      f"| {r.logits_error:.4f} | {r.weights_gib:.2f} | {r.peak_gib:.2f} |")
     return "\n".join(lines)
 

@@ -310,6 +310,9 @@ def has_bf16x2_multiply(device: torch.device) -> bool:
 
 
 _SPLIT_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_OUTGROWN_COUNTERS: list[torch.Tensor] = []
+"""Counters replaced by larger ones: kept, because kernels queued before the replacement may still
+be using them, and freeing memory allocated on another stream without a sync is not safe."""
 
 
 def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
@@ -325,9 +328,25 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     counters = _SPLIT_COUNTERS.get((device, stream))
     if counters is None or counters.numel() < tiles:
-        counters = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        if counters is not None:
+            _OUTGROWN_COUNTERS.append(counters)
+        counters = _long_lived_empty(max(tiles, 1024), device).zero_()  # zeroed on this stream, in order
         _SPLIT_COUNTERS[(device, stream)] = counters
     return counters
+
+
+def _long_lived_empty(size: int, device: torch.device) -> torch.Tensor:
+    """An int32 tensor that outlives the call, allocated in PyTorch's ordinary memory pool.
+
+    CUDA-graph trees (``mode="reduce-overhead"``) run their warm-up calls uncaptured but with the
+    current stream's allocations routed to the graphs' private pool; a tensor kept from such a call
+    stays in that pool, which the trees then refuse ("tensor(s) in the cudagraph pool not tracked
+    as outputs"). The routing follows the stream, so allocating while another stream is current
+    avoids it; the tensor is never freed, so the stream it was allocated on does not matter."""
+    if device.type != "cuda":
+        return torch.empty(size, dtype=torch.int32, device=device)
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        return torch.empty(size, dtype=torch.int32, device=device)
 
 
 def fp4_gemm(
