@@ -29,6 +29,7 @@ output. One launch, no host sync, CUDA-graph safe. Under the interpreter (CPU) t
 float32 (``DOT_DTYPE``).
 """
 
+import concurrent.futures
 import functools
 from dataclasses import dataclass
 
@@ -338,15 +339,15 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
 def _long_lived_empty(size: int, device: torch.device) -> torch.Tensor:
     """An int32 tensor that outlives the call, allocated in PyTorch's ordinary memory pool.
 
-    CUDA-graph trees (``mode="reduce-overhead"``) run their warm-up calls uncaptured but with the
-    current stream's allocations routed to the graphs' private pool; a tensor kept from such a call
-    stays in that pool, which the trees then refuse ("tensor(s) in the cudagraph pool not tracked
-    as outputs"). The routing follows the stream, so allocating while another stream is current
-    avoids it; the tensor is never freed, so the stream it was allocated on does not matter."""
+    CUDA-graph trees (``mode="reduce-overhead"``) run their warm-up calls uncaptured but with every
+    allocation of the calling thread routed to the graphs' private pool; a tensor kept from such a
+    call stays in that pool, which the trees then refuse ("tensor(s) in the cudagraph pool not
+    tracked as outputs"). The routing follows the thread, so another thread allocates it; nothing
+    runs on the GPU for that (``empty``), and the tensor is never freed."""
     if device.type != "cuda":
         return torch.empty(size, dtype=torch.int32, device=device)
-    with torch.cuda.stream(torch.cuda.Stream(device)):
-        return torch.empty(size, dtype=torch.int32, device=device)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as allocator:
+        return allocator.submit(torch.empty, size, dtype=torch.int32, device=device).result()
 
 
 def fp4_gemm(
