@@ -117,11 +117,15 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, cache_length: int):
     return time.perf_counter() - start, out.logits[0].float()
 
 
-def gpu_seconds(model, prompt: torch.Tensor, new_tokens: int, cache_length: int) -> float:
-    """Kernel time of one ``generate`` (summed over kernels, as torch.profiler records them)."""
+def gpu_seconds(model, prompt: torch.Tensor, new_tokens: int, cache_length: int, kernels: int = 0) -> float:
+    """Kernel time of one ``generate`` (summed over kernels, as torch.profiler records them);
+    ``kernels``: print that many of the most expensive kernels."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         generate(model, prompt, new_tokens, cache_length)
-    return sum(event.self_device_time_total for event in profile.key_averages()) / 1e6
+    events = profile.key_averages()
+    if kernels:
+        print(events.table(sort_by="self_device_time_total", row_limit=kernels, max_name_column_width=70))
+    return sum(event.self_device_time_total for event in events) / 1e6
 
 
 def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -> list[Row]:
@@ -149,7 +153,8 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -
             error = ((logits - reference_logits[batch]).norm() / reference_logits[batch].norm()).item() \
                 if batch in reference_logits else float("nan")
             peak = torch.cuda.max_memory_allocated() / 2**30
-            gpu_step = (gpu_seconds(model, prompt, 17, cache_length) - gpu_seconds(model, prompt, 1, cache_length)) / 16
+            gpu_step = (gpu_seconds(model, prompt, 17, cache_length, args.kernels)
+                        - gpu_seconds(model, prompt, 1, cache_length)) / 16
             row = Row(variant, batch, batch * (args.new - 1) / (full - short), (full - short) / (args.new - 1) * 1e3,
                       gpu_step * 1e3, short * 1e3, first - full, error, weight_bytes(model) / 2**30, peak)
             print(f"  {variant} batch {batch}: {row.tokens_per_s:.1f} tok/s, step {row.step_ms:.2f} ms (GPU "
@@ -188,6 +193,7 @@ def main() -> None:
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--kernels", type=int, default=0, help="print the N costliest kernels of a 17-token generate")
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
