@@ -144,11 +144,16 @@ def test_transformers_compile_path_for_static_caches(family: str):
 
 class DecodeStep:
     """One decode step of a compiled HF model on a static cache, reading its token and position
-    from fixed buffers (what a CUDA graph replays)."""
+    from fixed buffers (what a CUDA graph replays).
 
-    def __init__(self, model: nn.Module, prompt: torch.Tensor):
+    A step is not idempotent: besides writing its key/value entry, HF's cache layers count the
+    tokens they have seen in a device tensor. ``save`` and ``restore`` copy every tensor of the
+    cache in place (addresses unchanged, as a captured graph needs), so two runs of the same steps
+    can start from the same state."""
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, cache_length: int = CACHE_LENGTH):
         self.model = model
-        self.cache = transformers.StaticCache(config=model.config, max_cache_len=CACHE_LENGTH)
+        self.cache = transformers.StaticCache(config=model.config, max_cache_len=cache_length)
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.cache.early_initialization(batch_size=1, num_heads=config.num_key_value_heads, head_dim=head_dim,
@@ -157,6 +162,16 @@ class DecodeStep:
         self.position = torch.zeros(1, dtype=torch.long, device="cuda")
         self.model(input_ids=prompt, past_key_values=self.cache, use_cache=True,
                    cache_position=torch.arange(prompt.shape[1], device="cuda"))
+
+    def _state(self) -> list[torch.Tensor]:
+        return [t for layer in self.cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+
+    def save(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self._state()]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        for tensor, value in zip(self._state(), saved, strict=True):
+            tensor.copy_(value)
 
     def set(self, token: int, position: int) -> None:
         self.token.fill_(token)
@@ -170,14 +185,20 @@ class DecodeStep:
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", list(MODELS))
 def test_a_users_cuda_graph_of_a_decode_step_replays_like_the_uncaptured_step(family: str):
-    """Each replay rewrites the cache entry at its position, and the uncaptured step then rewrites
-    the same entry with the same values, so the two must agree bit for bit, step after step."""
+    """20 uncaptured steps from the prompt's cache, then 20 replays of a captured step from the
+    same cache state and inputs: the logits agree bit for bit, step after step."""
     model = gpu_model(family)
     model.compile(backend="fp4")
     prompt_length = 6
+    steps = [((7 * i) % 256, prompt_length + i) for i in range(20)]
     with torch.no_grad():
         step = DecodeStep(model, torch.randint(0, 256, (1, prompt_length), device="cuda"))
-        step.set(1, prompt_length)
+        after_prompt = step.save()
+        uncaptured = []
+        for token, position in steps:
+            step.set(token, position)
+            uncaptured.append(step().clone())
+        step.restore(after_prompt)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -189,15 +210,15 @@ def test_a_users_cuda_graph_of_a_decode_step_replays_like_the_uncaptured_step(fa
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured_logits = step()
+        step.restore(after_prompt)
         graphs = compiled_graphs()
-        replayed, uncaptured = [], []
+        replayed = []
         torch.cuda.set_sync_debug_mode("error")
         try:
-            for i in range(20):
-                step.set(token=(7 * i) % 256, position=prompt_length + i)
+            for token, position in steps:
+                step.set(token, position)
                 graph.replay()
                 replayed.append(captured_logits.clone())
-                uncaptured.append(step())
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert compiled_graphs() == graphs
@@ -212,18 +233,18 @@ def test_a_thousand_captured_steps_sync_never_recompile_never_and_keep_their_mem
     model.compile(backend="fp4", mode="reduce-overhead")
     prompt_length = 4
     with torch.no_grad():
-        step = DecodeStep(model, torch.randint(0, 256, (1, prompt_length), device="cuda"))
+        step = DecodeStep(model, torch.randint(0, 256, (1, prompt_length), device="cuda"), cache_length=1024 + 8)
         for i in range(3):  # cudagraph trees: warm-up, then recording
             step.set(i, prompt_length + i)
             step()
         graphs = compiled_graphs()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            for i in range(1000):
+            for i in range(3, 1003):
                 torch.compiler.cudagraph_mark_step_begin()
-                step.set((11 * i) % 256, prompt_length + i % (CACHE_LENGTH - prompt_length))
+                step.set((11 * i) % 256, prompt_length + i)
                 logits = step()
-                if i == 9:
+                if i == 12:
                     memory = torch.cuda.memory_allocated()  # measured with one step's logits alive, as at the end
         finally:
             torch.cuda.set_sync_debug_mode("default")
