@@ -27,7 +27,8 @@ Per batch size:
   the same prompt (same weights: every variant is built from the same seed);
 - **weights GiB**: the bytes the model's weights occupy after compilation (fp4 codes, scales and
   global scales of quantized layers; everything else, e.g. the embeddings and the bf16 LM head,
-  at its size), against bf16; **peak GiB**: the largest allocation during the warm runs.
+  at its size), against bf16; **peak GiB**: ``max_memory_allocated`` (the most memory allocated
+  at once) during the warm runs.
 
     python benchmarks/bench_decode.py --model llama3-8b [--batches 1,16] [--variants bf16,nvfp4-w4a16,...]
 """
@@ -65,6 +66,8 @@ REPEATS = 3
 
 @dataclass
 class Row:
+    """One variant at one batch size (units in the names; see the module docstring)."""
+
     variant: str
     batch: int
     tokens_per_s: float
@@ -129,6 +132,7 @@ def gpu_seconds(model, prompt: torch.Tensor, new_tokens: int, cache_length: int,
 
 
 def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -> list[Row]:
+    """Build, compile and time one variant at every batch size; bf16 fills ``reference_logits``."""
     model = build(args.model, args.layers)
     bf16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     config = VARIANTS[variant]
@@ -170,6 +174,7 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -
 
 
 def table(args, rows: list[Row]) -> str:
+    """The markdown table of ``rows`` for RESULTS.md, with each ratio against bf16."""
     base = {r.batch: r for r in rows if r.variant == "bf16"}
     layers = f", {args.layers} of its layers" if args.layers else ""
     lines = [f"{args.model}{layers}; prompt {args.prompt}, {args.new} new tokens; {torch.cuda.get_device_name()}",
@@ -186,6 +191,7 @@ def table(args, rows: list[Row]) -> str:
 
 
 def main() -> None:
+    """Parse the options, run bf16 then every fp4 variant, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=list(MODELS), default="llama3-8b")
     parser.add_argument("--layers", type=int, default=None, help="keep the first N layers (default: all)")

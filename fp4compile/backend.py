@@ -5,8 +5,9 @@
     torch.compile(model, backend=fp4compile.backend(Fp4Config(...)))    # a configured backend
     torch.compile(model, backend="fp4", mode="reduce-overhead")          # CUDA graphs (cudagraph trees)
 
-``mode`` is Inductor's: the same names, the same Inductor settings as with the default backend
-(``torch._inductor.list_mode_options``). ``torch.compile`` refuses ``mode`` together with
+``mode`` is Inductor's: the same names and Inductor settings as with the default backend
+(``torch._inductor.list_mode_options``). Not copied: the CUPTI environment variables that
+``torch.compile``'s Inductor wrapper sets with CUDA graphs on CUDA < 12.6 (for profiling). ``torch.compile`` refuses ``mode`` together with
 ``options``; to combine a mode with fp4 settings, pass a configured backend.
 """
 

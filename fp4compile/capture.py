@@ -6,6 +6,11 @@ sync (``DESIGN.md``), but a model can still hold code that does: HF's ``eager`` 
 ``nonzero``, a layer left to a custom kernel, a ``.item()`` in user code. ``check_capturable``
 runs one step with PyTorch's sync debugging set to raise, and turns the first sync into an error
 that names the innermost layer of the model whose code made it, with the file and line.
+
+The layer is found from the Python frames of the traceback, so it is known for code that runs
+as Python: an uncompiled model, and the code between a compiled model's graphs (graph breaks,
+where syncing code usually ends up). A sync inside a compiled graph has no layer frames: the
+message then names the model and the generated code's line.
 """
 
 import contextlib
@@ -20,7 +25,7 @@ from torch import nn
 _SYNC_MESSAGE = "called a synchronizing CUDA operation"
 """The text of PyTorch's error for a sync under ``set_sync_debug_mode("error")``."""
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+_TORCH_DIR = os.path.join(os.path.dirname(torch.__file__), "")  # not torchvision, torchao
 
 
 class CaptureError(RuntimeError):
@@ -30,8 +35,8 @@ class CaptureError(RuntimeError):
 def check_capturable(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Run ``model(*args, **kwargs)`` once with host syncs turned into errors; return its output.
 
-    Call it on the step you will capture (e.g. one decode step of a compiled model, after its
-    warm-up calls), with inputs on the GPU. Raises ``CaptureError`` naming the layer whose code
+    Call it on the step you will capture, after your warm-up calls (e.g. one decode step of a
+    compiled model, once it has compiled), with inputs on the GPU. Raises ``CaptureError`` naming the layer whose code
     synchronized with the host; other errors pass through unchanged.
     """
     try:

@@ -7,18 +7,17 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 
+TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256)
+"""The sizes every tiny model shares (head_dim 16)."""
+
+
 def tiny_llama(**overrides) -> nn.Module:
-    """A 2-layer Llama (hidden 64, vocab 256), float32, eval mode."""
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, **overrides,
-    )
+    """A 2-layer Llama of ``TINY_SIZES``, float32, eval mode."""
+    config = transformers.LlamaConfig(**{**TINY_SIZES, **overrides})
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
 
-
-COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=256, head_dim=16)
 MOE_FAMILIES = {  # model type -> (config fields, MoE layers among the 2)
     "qwen3_moe": (dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True), 2),
     "qwen2_moe": (dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -34,7 +33,7 @@ MOE_FAMILIES = {  # model type -> (config fields, MoE layers among the 2)
 def tiny_moe(family: str, implementation: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A 2-layer MoE model of ``family`` (a key of ``MOE_FAMILIES``) with HF's experts ``implementation``."""
     fields, _ = MOE_FAMILIES[family]
-    config = transformers.AutoConfig.for_model(family, **{**COMMON, **fields})
+    config = transformers.AutoConfig.for_model(family, **{**TINY_SIZES, "head_dim": 16, **fields})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
     model.set_experts_implementation(implementation)

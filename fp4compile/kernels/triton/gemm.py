@@ -342,12 +342,19 @@ def _long_lived_empty(size: int, device: torch.device) -> torch.Tensor:
     CUDA-graph trees (``mode="reduce-overhead"``) run their warm-up calls uncaptured but with every
     allocation of the calling thread routed to the graphs' private pool; a tensor kept from such a
     call stays in that pool, which the trees then refuse ("tensor(s) in the cudagraph pool not
-    tracked as outputs"). The routing follows the thread, so another thread allocates it; nothing
-    runs on the GPU for that (``empty``), and the tensor is never freed."""
+    tracked as outputs"). The routing follows the thread, so another thread allocates it, with
+    the caller's stream current (the allocator hands a block out safely only to the stream it is
+    allocated for); nothing runs on the GPU for that (``empty``), and the tensor is never freed."""
     if device.type != "cuda":
         return torch.empty(size, dtype=torch.int32, device=device)
+    stream = torch.cuda.current_stream(device)
+
+    def allocate() -> torch.Tensor:
+        with torch.cuda.stream(stream):
+            return torch.empty(size, dtype=torch.int32, device=device)
+
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as allocator:
-        return allocator.submit(torch.empty, size, dtype=torch.int32, device=device).result()
+        return allocator.submit(allocate).result()
 
 
 def fp4_gemm(
