@@ -12,12 +12,13 @@ import contextlib
 
 import pytest
 import torch
-from compile_helpers import fake_quant_copy, fake_quant_experts, fresh_dynamo  # noqa: F401
+from compile_helpers import GraphCapture, fake_quant_copy, fake_quant_experts, fresh_dynamo  # noqa: F401
 from tiny_models import tiny_llama, tiny_moe
 from torch import nn
 
 import fp4compile
 from fp4compile import CaptureError, Fp4Config, check_capturable
+from fp4compile.backend import Fp4Backend
 from fp4compile import capture as capture_module
 from fp4compile.report import layer_records
 
@@ -85,6 +86,28 @@ def test_generate_with_a_static_cache_matches_fake_quant_and_stops_compiling(fam
                 graphs = compiled_graphs()
     assert graphs == 3
     assert compiled_graphs() == 3
+
+
+SYNCING_METHODS = {"item", "tolist", "cpu", "numpy", "nonzero", "__bool__"}
+SYNCING_FUNCTIONS = {torch.nonzero, torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default}
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_decode_graphs_have_no_break_and_no_syncing_operation(family: str):
+    """What CPU can say about capture: generate's graphs (prefill, decode) are whole, so no eager
+    code runs between them, and none of their nodes reads a device value on the host."""
+    model = MODELS[family]()
+    capture = GraphCapture()
+    model.compile(backend=Fp4Backend(Fp4Config(), compile_graph=capture))
+    with torch.no_grad():
+        greedy(model, torch.randint(0, 256, (1, 7)), 4)
+    assert len(capture.graphs) == 2
+    assert not torch._dynamo.utils.counters["graph_break"]
+    for graph in capture.graphs:
+        syncing = [n for n in graph.nodes if (n.op == "call_method" and n.target in SYNCING_METHODS)
+                   or (n.op == "call_function" and n.target in SYNCING_FUNCTIONS)]
+        assert not syncing
+        assert any(n.target in (torch.ops.fp4.linear.default, torch.ops.fp4.moe.default) for n in graph.nodes)
 
 
 class Router(nn.Module):
