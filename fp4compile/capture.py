@@ -36,8 +36,8 @@ def check_capturable(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Run ``model(*args, **kwargs)`` once with host syncs turned into errors; return its output.
 
     Call it on the step you will capture, after your warm-up calls (e.g. one decode step of a
-    compiled model, once it has compiled), with inputs on the GPU. Raises ``CaptureError`` naming the layer whose code
-    synchronized with the host; other errors pass through unchanged.
+    compiled model, once it has compiled), with inputs on the GPU. Raises ``CaptureError``
+    naming the layer whose code synchronized with the host; other errors pass through unchanged.
     """
     try:
         with _syncs_raise():
