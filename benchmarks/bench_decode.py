@@ -99,8 +99,7 @@ def build(model_name: str, layers: int | None):
 
 def weight_bytes(model) -> int:
     """Bytes of the model's weights as they are now: quantized ones at their fp4 size."""
-    quantized = {r.name: r for r in layer_records(model) if r.skipped is None}
-    total = sum(r.bytes_after for r in quantized.values())
+    total = sum(r.bytes_after for r in layer_records(model) if r.skipped is None)
     for param in model.parameters():
         if quantized_weights.lookup(param) is None or not quantized_weights.is_released(param):
             total += param.numel() * param.element_size()
@@ -114,8 +113,7 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, cache_length: int):
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
                          max_cache_len=cache_length, prefill_chunk_size=prompt.shape[1], disable_compile=True,
-                         pad_token_id=0,
-                         return_dict_in_generate=True, output_logits=True)
+                         pad_token_id=0, return_dict_in_generate=True, output_logits=True)
     torch.cuda.synchronize()
     return time.perf_counter() - start, out.logits[0].float()
 

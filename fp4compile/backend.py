@@ -7,8 +7,9 @@
 
 ``mode`` is Inductor's: the same names and Inductor settings as with the default backend
 (``torch._inductor.list_mode_options``). Not copied: the CUPTI environment variables that
-``torch.compile``'s Inductor wrapper sets with CUDA graphs on CUDA < 12.6 (for profiling). ``torch.compile`` refuses ``mode`` together with
-``options``; to combine a mode with fp4 settings, pass a configured backend.
+``torch.compile``'s Inductor wrapper sets with CUDA graphs on CUDA < 12.6 (for profiling).
+``torch.compile`` refuses ``mode`` together with ``options``; to combine a mode with fp4
+settings, pass a configured backend.
 """
 
 from collections.abc import Callable, Mapping, Sequence

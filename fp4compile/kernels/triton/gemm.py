@@ -311,9 +311,6 @@ def has_bf16x2_multiply(device: torch.device) -> bool:
 
 
 _SPLIT_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-_OUTGROWN_COUNTERS: list[torch.Tensor] = []
-"""Counters replaced by larger ones: kept, because kernels queued before the replacement may still
-be using them, and freeing memory allocated on another stream without a sync is not safe."""
 
 
 def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
@@ -329,8 +326,7 @@ def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
     counters = _SPLIT_COUNTERS.get((device, stream))
     if counters is None or counters.numel() < tiles:
-        if counters is not None:
-            _OUTGROWN_COUNTERS.append(counters)
+        # A smaller predecessor is freed on its own stream: kernels queued on it finish first.
         counters = _long_lived_empty(max(tiles, 1024), device).zero_()  # zeroed on this stream, in order
         _SPLIT_COUNTERS[(device, stream)] = counters
     return counters
@@ -344,7 +340,7 @@ def _long_lived_empty(size: int, device: torch.device) -> torch.Tensor:
     call stays in that pool, which the trees then refuse ("tensor(s) in the cudagraph pool not
     tracked as outputs"). The routing follows the thread, so another thread allocates it, with
     the caller's stream current (the allocator hands a block out safely only to the stream it is
-    allocated for); nothing runs on the GPU for that (``empty``), and the tensor is never freed."""
+    allocated for); nothing runs on the GPU for that (``empty``)."""
     if device.type != "cuda":
         return torch.empty(size, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device)
