@@ -94,3 +94,18 @@ def release_storage(weight: torch.Tensor) -> None:
 def is_released(weight: torch.Tensor) -> bool:
     """Whether ``weight``'s storage was released by ``quantize_once``."""
     return weight in _STORE and weight.untyped_storage().nbytes() == 0
+
+
+_E4M3: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def e4m3_once(weight: torch.Tensor, stored: StoredWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact e4m3 form of ``weight``'s MXFP4 form (bytes (..., N, K), row scales (..., N)):
+    the operand of the fp8 prefill GEMMs, made once per quantized form (``Fp4Config.fp8_weights``)."""
+    made = _E4M3.get(weight)
+    if made is None or made[0] is not stored.quantized:
+        from .kernels.cutlass.hopper import weight_to_e4m3
+
+        made = (stored.quantized, weight_to_e4m3(stored.quantized.packed, stored.quantized.scales))
+        _E4M3[weight] = made
+    return made[1]

@@ -153,25 +153,6 @@ def test_stream_k_partitions_sum_every_unit_once(fmt: str, m: int, n: int, k: in
     assert torch.equal(y, fp4_gemm(x, w.packed, w.scales, w.global_scale, bias, fmt, torch.float32, config))
 
 
-def test_ops_dispatch_to_the_kernels_on_cuda_only():
-    from fp4compile.ops.implementations import implementation_for
-
-    assert implementation_for(torch.device("cpu")) == "torch (reference)"
-    assert implementation_for(torch.device("cuda")) == "triton"
-
-
-@pytest.mark.parametrize(("capability", "mxfp4_w4a4_prefill"), [((9, 0), "fp8"), ((8, 0), "dequantize+cublas")])
-def test_layer_report_names_the_kernel_per_m_bucket(monkeypatch, capability, mxfp4_w4a4_prefill):
-    """fp8 prefill only where the GPU has fp8 tensor cores (compute capability 8.9 and up)."""
-    from fp4compile.ops.implementations import implementation_for
-
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    cuda = torch.device("cuda")
-    assert implementation_for(cuda, "mxfp4", "fp4") == f"triton: M<=128 fp4-gemm, else {mxfp4_w4a4_prefill}"
-    for fmt, act_mode in (("mxfp4", "none"), ("nvfp4", "fp4"), ("nvfp4", "none")):
-        assert implementation_for(cuda, fmt, act_mode) == "triton: M<=128 fp4-gemm, else dequantize+cublas"
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m", [1, 5, 16, 127, 128, 129, 4096])

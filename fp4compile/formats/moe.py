@@ -67,9 +67,14 @@ def moe_reference(
     activation: str,
     alpha: float,
     limit: float,
+    projection_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """hidden (T, H); topk_ids (T, k) expert indices; topk_weights (T, k); gate_up (E, 2I, H) and
     down (E, H, I) fp4 weights; biases (E, 2I) / (E, H) or None -> (T, H) in hidden's dtype.
+
+    ``projection_dtype``: what the gate/up product (before its bias) is rounded to. float32 is
+    the op's definition; bf16 describes a lowering whose library GEMM writes bf16 (the CUTLASS
+    grouped fp8 GEMM), which in W4A4 then re-quantizes slightly different values.
 
     Differentiable in ``hidden`` and ``topk_weights`` (the op's backward recomputes through it).
     Validation is the caller's (the op's) job.
@@ -82,7 +87,7 @@ def moe_reference(
     experts = [(e, slots) for e, slots in experts if slots.numel()]
     intermediate = x.new_zeros((tokens * k, down.packed.shape[-1] * 2))
     for e, slots in experts:
-        projected = x[slot_token[slots]] @ _expert_matrix(gate_up, e).T
+        projected = (x[slot_token[slots]] @ _expert_matrix(gate_up, e).T).to(projection_dtype).float()
         if gate_up_bias is not None:
             projected = projected + gate_up_bias[e].float()
         intermediate = intermediate.index_copy(0, slots, swiglu(projected, activation, alpha, limit))

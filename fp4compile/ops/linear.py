@@ -11,7 +11,10 @@ from ..formats import QuantizedTensor
 from ..formats.blocks import SUPPORTED_DTYPES, check_quantized, dequantize
 from ..formats.linear import check_act_mode, linear_reference
 from ..formats.spec import NVFP4, get_format
-from .implementations import TRITON_AVAILABLE
+from .chooser import bucket, check_implementation, run_chosen
+from .implementations import (
+    check_e4m3_weight, cutlass_kernels, cutlass_unsupported, triton_kernels, triton_unsupported,
+)
 
 
 @torch.library.custom_op("fp4::linear", mutates_args=())
@@ -24,34 +27,46 @@ def linear(
     bias: torch.Tensor | None,
     fmt: str,
     act_mode: str,
+    implementation: str = "auto",
+    w_e4m3: torch.Tensor | None = None,
+    w_e4m3_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (..., K) times an fp4 weight (N, K) [+ bias (N,)] -> (..., N) in x's dtype.
 
     ``act_global_scale``: only for NVFP4 W4A4, a static activation global scale (None: computed
-    from x on the device in every call).
+    from x on the device in every call). ``implementation``: "auto" (see ``ops/chooser.py``) or
+    one of "torch", "triton", "cutlass". ``w_e4m3``/``w_e4m3_scale``: MXFP4 only, the weight's
+    exact e4m3 form (N, K) uint8 and row scales (N,), made at compile time for the fp8 GEMMs.
     """
-    check_linear_args(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode)
-    weight = QuantizedTensor(w_packed, w_scales, w_global_scale, fmt)
-    return linear_reference(x, weight, act_global_scale, bias, act_mode)
-
-
-if TRITON_AVAILABLE:
-    from ..kernels.triton import fp4_linear
-
-    @linear.register_kernel("cuda")
-    def _(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode):
-        check_linear_args(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode)
-        return fp4_linear(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode)
+    check_linear_args(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode, implementation,
+                      w_e4m3, w_e4m3_scale)
+    n, k = w_packed.shape[0], x.shape[-1]
+    weight_e4m3 = (w_e4m3, w_e4m3_scale) if w_e4m3 is not None else None
+    args = (x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode)
+    options = {
+        "torch": lambda: linear_reference(x, QuantizedTensor(w_packed, w_scales, w_global_scale, fmt), act_global_scale,
+                                          bias, act_mode),
+        "triton": triton_unsupported(x.device) or (lambda: triton_kernels().fp4_linear(*args, weight_e4m3)),
+        "cutlass": (cutlass_unsupported(x.device, act_mode) or cutlass_kernels().linear_unsupported(x, fmt, act_mode, n, k))
+                   or (lambda: cutlass_kernels().linear(x, w_packed, w_scales, w_global_scale, act_global_scale, bias,
+                                                        fmt, weight_e4m3)),
+    }
+    rows = x.numel() // k if k else 0
+    key = (f"fp4::linear {fmt} {'W4A4' if act_mode == 'fp4' else 'W4A16'} N={n} K={k} M<={bucket(rows)} {x.dtype}"
+           f"{' e4m3-weight' if weight_e4m3 else ''}")
+    return run_chosen("fp4::linear", implementation, key, x.device, options)
 
 
 @linear.register_fake
-def _(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode):
-    check_linear_args(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode)
+def _(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode, implementation="auto", w_e4m3=None,
+      w_e4m3_scale=None):
+    check_linear_args(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode, implementation,
+                      w_e4m3, w_e4m3_scale)
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
 
 
 def _setup_backward(ctx, inputs, output) -> None:
-    x, w_packed, w_scales, w_global_scale, _, bias, fmt, _ = inputs
+    x, w_packed, w_scales, w_global_scale, _, bias, fmt, *_ = inputs
     ctx.save_for_backward(w_packed, w_scales, w_global_scale)
     ctx.fmt = fmt
     ctx.has_bias = bias is not None
@@ -70,7 +85,7 @@ def _backward(ctx, grad: torch.Tensor):
         grad_x = (grad.float() @ weight).to(grad.dtype)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_x, None, None, None, None, grad_bias, None, None
+    return grad_x, None, None, None, None, grad_bias, None, None, None, None, None
 
 
 linear.register_autograd(_backward, setup_context=_setup_backward)
@@ -85,10 +100,14 @@ def check_linear_args(
     bias: torch.Tensor | None,
     fmt: str,
     act_mode: str,
+    implementation: str = "auto",
+    w_e4m3: torch.Tensor | None = None,
+    w_e4m3_scale: torch.Tensor | None = None,
 ) -> None:
     """Raise a clear error for anything ``fp4::linear`` cannot compute (shared by every backend)."""
     spec = get_format(fmt)
     check_act_mode(act_mode)
+    check_implementation(implementation, "fp4::linear's implementation")
     check_quantized(w_packed, w_scales, w_global_scale, spec)
     if w_packed.dim() != 2:
         raise ValueError(f"fp4::linear needs a 2-D (N, K/2) packed weight, got shape {tuple(w_packed.shape)}")
@@ -103,8 +122,9 @@ def check_linear_args(
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if act_global_scale is not None and not (spec is NVFP4 and act_mode == "fp4"):
         raise ValueError(f"act_global_scale applies only to NVFP4 with act_mode='fp4', not {fmt} with {act_mode!r}")
+    check_e4m3_weight("w_e4m3", w_e4m3, w_e4m3_scale, (n, k), spec)
     tensors = {"x": x, "w_packed": w_packed, "w_scales": w_scales, "w_global_scale": w_global_scale,
-               "act_global_scale": act_global_scale, "bias": bias}
+               "act_global_scale": act_global_scale, "bias": bias, "w_e4m3": w_e4m3, "w_e4m3_scale": w_e4m3_scale}
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         raise ValueError(f"fp4::linear inputs are on different devices: {devices}")

@@ -88,3 +88,10 @@ class DynamoGraph:
         if sources is not None:
             sources[attr] = ConstantSource(attr)
         return attr
+
+    def constant_node(self, name: str, tensor: torch.Tensor | None) -> fx.Node | None:
+        """A ``get_attr`` node for compile-time tensor ``tensor`` (see ``add_constant``), inserted
+        where the graph's insertion point is; None for None (an absent optional op argument)."""
+        if tensor is None:
+            return None
+        return self.gm.graph.get_attr(self.add_constant(name, tensor))

@@ -12,6 +12,7 @@ from ..report import LayerRecord, record_layer
 from .graph import DynamoGraph
 from .linear_match import LinearSite, match_linear, only_used_as_weight
 from .manager import PassResult
+from .weights import fp8_weights_for, nbytes
 
 
 class LinearPass:
@@ -51,21 +52,24 @@ class LinearPass:
             )
         if reason is not None:
             result.skip(reason)
-            record_layer(weight, LayerRecord(name, shape, _nbytes(weight), _nbytes(weight), skipped=reason))
+            record_layer(weight, LayerRecord(name, shape, nbytes(weight), nbytes(weight), skipped=reason))
             return
         stored = quantized_weights.quantize_once(
             weight, config.format, config.scale_rule, config.release_weights, site.transposed
         )
         graph.pin(site.weight)
         q = stored.quantized
+        e4m3 = fp8_weights_for(weight, stored, name, config)
         fx_graph = graph.gm.graph
         with fx_graph.inserting_before(site.node):
-            attrs = [
-                fx_graph.get_attr(graph.add_constant(f"fp4_{name}_{part}", tensor))
-                for part, tensor in (("packed", q.packed), ("scales", q.scales), ("global_scale", q.global_scale))
-            ]
+            weights = [graph.constant_node(f"fp4_{name}_{part}", tensor) for part, tensor in
+                       (("packed", q.packed), ("scales", q.scales), ("global_scale", q.global_scale))]
+            e4m3_nodes = [graph.constant_node(f"fp4_{name}_{part}", tensor)
+                          for part, tensor in zip(("e4m3", "e4m3_scale"), e4m3)]
             replacement = fx_graph.call_function(
-                torch.ops.fp4.linear.default, (site.x, *attrs, None, site.bias, config.format, config.act_mode)
+                torch.ops.fp4.linear.default,
+                (site.x, *weights, None, site.bias, config.format, config.act_mode, config.implementation,
+                 *e4m3_nodes),
             )
         replacement.meta.update(site.node.meta)
         site.node.replace_all_uses_with(replacement)
@@ -75,8 +79,9 @@ class LinearPass:
         result.matched += 1
         record_layer(
             weight,
-            LayerRecord(name, shape, stored.original_bytes, stored.quantized_bytes,
-                        config.format, config.act_mode, implementation_for(weight.device, config.format, config.act_mode)),
+            LayerRecord(name, shape, stored.original_bytes, stored.quantized_bytes + nbytes(*e4m3), config.format,
+                        config.act_mode,
+                        implementation_for(weight.device, config.format, config.act_mode, config.implementation)),
         )
 
 
@@ -93,7 +98,3 @@ def _ineligible(weight: torch.Tensor, shape: tuple, site: LinearSite, name: str,
     if not only_used_as_weight(site.weight):
         return "weight is also used outside linear layers (tied weights)"
     return None
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()

@@ -22,6 +22,7 @@ from ..ops.implementations import implementation_for
 from ..report import LayerRecord, record_layer
 from .graph import DynamoGraph
 from .manager import PassResult
+from .weights import fp8_weights_for, nbytes
 from .moe_match import MoeSite, match_moe, match_projection
 
 logger = logging.getLogger("fp4compile")
@@ -65,7 +66,7 @@ class MoePass:
         for projection in projections:
             if projection is not None:
                 weight, path = graph.parameter_of(projection.weight)
-                record_layer(weight, LayerRecord(path, tuple(weight.shape), _nbytes(weight), _nbytes(weight), skipped=reason))
+                record_layer(weight, LayerRecord(path, tuple(weight.shape), nbytes(weight), nbytes(weight), skipped=reason))
 
     def _rewrite(self, graph: DynamoGraph, config: Fp4Config, experts: str, site: MoeSite, result: PassResult) -> None:
         (gate_up, gate_up_path), (down, down_path) = (graph.parameter_of(p.weight) for p in (site.gate_up, site.down))
@@ -86,19 +87,23 @@ class MoePass:
                                                   site.down.stored_kn),
         }
         graph.pin(site.gate_up.weight)
+        e4m3 = {projection: fp8_weights_for(weight, stored[projection], experts, config)
+                 for projection, weight in ((GATE_UP, gate_up), (DOWN, down))}
         fx_graph = graph.gm.graph
         with fx_graph.inserting_before(site.output):
             weights = [
-                fx_graph.get_attr(graph.add_constant(f"fp4_{experts}_{projection}_{part}", tensor))
+                graph.constant_node(f"fp4_{experts}_{projection}_{part}", tensor)
                 for projection, s in stored.items()
                 for part, tensor in (("packed", s.quantized.packed), ("scales", s.quantized.scales),
                                      ("global_scale", s.quantized.global_scale))
             ]
+            e4m3_nodes = [graph.constant_node(f"fp4_{experts}_{projection}_{part}", tensor)
+                          for projection, pair in e4m3.items() for part, tensor in zip(("e4m3", "e4m3_scale"), pair)]
             biases = [self._bias(graph, experts, site.gate_up_bias, site.interleaved), site.down_bias]
             moe = fx_graph.call_function(
                 torch.ops.fp4.moe.default,
                 (site.hidden, site.topk_ids, site.topk_weights, *weights, *biases, config.format, config.act_mode,
-                 site.activation, site.alpha, site.limit),
+                 site.activation, site.alpha, site.limit, config.implementation, *e4m3_nodes),
             )
             replacement = moe
             output_dtype = site.output.meta["example_value"].dtype
@@ -109,9 +114,12 @@ class MoePass:
         site.output.replace_all_uses_with(replacement)
         _erase_dead(fx_graph, block)
         result.matched += 1
-        for weight, path, s in ((gate_up, gate_up_path, stored[GATE_UP]), (down, down_path, stored[DOWN])):
-            record_layer(weight, LayerRecord(path, tuple(weight.shape), s.original_bytes, s.quantized_bytes,
-                                             config.format, config.act_mode, implementation_for(weight.device)))
+        implementation = implementation_for(gate_up.device, config.format, config.act_mode, config.implementation, "moe")
+        for projection, weight, path in ((GATE_UP, gate_up, gate_up_path), (DOWN, down, down_path)):
+            s = stored[projection]
+            record_layer(weight, LayerRecord(path, tuple(weight.shape), s.original_bytes,
+                                             s.quantized_bytes + nbytes(*e4m3[projection]), config.format,
+                                             config.act_mode, implementation))
 
     @staticmethod
     def _bias(graph: DynamoGraph, experts: str, bias: fx.Node | None, interleaved: bool) -> fx.Node | None:
@@ -222,7 +230,3 @@ def _warn_if_eager_experts(node: fx.Node) -> None:
 
 
 _TRACE_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()

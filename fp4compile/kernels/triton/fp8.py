@@ -23,6 +23,7 @@ import triton.language as tl
 from .codecs import (
     check_offsets, decode_e2m1, e4m3_value, encode_e4m3, exp2_int, mxfp4_spec_exponent, round_to_e2m1,
 )
+from .moe import swiglu_tile
 
 E4M3_HEADROOM = tl.constexpr(6)
 """The row's largest group maps to 2**6 times its e2m1 values: 6 * 2**6 = 384 <= 448."""
@@ -41,26 +42,68 @@ def _to_e4m3_bytes(values, HW_CVT: tl.constexpr):
 
 
 @triton.jit
-def _activation_to_fp8_kernel(x_ptr, q_ptr, row_scale_ptr, K, stride_xm, BLOCK_K: tl.constexpr,
-                              HW_CVT: tl.constexpr):
-    """One row of x: MXFP4-quantize it (spec rule, bit for bit ``formats.quantize_mxfp4``) and
-    write the e4m3 bytes of ``e2m1 * 2**(s - B + 6)`` and the row scale ``2**(B - 6)``.
+def _source_chunk(src_ptr, source_row, ks, K, stride_src, bias_ptr, expert, swiglu_alpha, swiglu_limit,
+                  SWIGLU: tl.constexpr, CLAMPED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """float32 values ``ks`` of one source row: the row itself, or (``SWIGLU``) the activation of
+    a [gate | up] row of width 2K, with the expert's gate/up bias added first."""
+    mask = ks < K
+    row_ptr = src_ptr + source_row.to(tl.int64) * stride_src
+    if SWIGLU:
+        gate = tl.load(row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(row_ptr + K + ks, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            gate += tl.load(bias_ptr + expert * 2 * K + ks, mask=mask, other=0.0).to(tl.float32)
+            up += tl.load(bias_ptr + expert * 2 * K + K + ks, mask=mask, other=0.0).to(tl.float32)
+        return tl.where(mask, swiglu_tile(gate, up, CLAMPED, swiglu_alpha, swiglu_limit), 0.0)
+    else:
+        return tl.load(row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _rows_to_fp8_kernel(src_ptr, q_ptr, row_scale_ptr, K, stride_src,
+                        slot_of_row_ptr, routed_rows_ptr, row_of_slot_ptr, ids_ptr, bias_ptr, swiglu_alpha,
+                        swiglu_limit, TOP_K: tl.constexpr, ROUTED: tl.constexpr, SWIGLU: tl.constexpr,
+                        CLAMPED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, HW_CVT: tl.constexpr):
+    """One row: MXFP4-quantize it (spec rule, bit for bit ``formats.quantize_mxfp4``) and write
+    the e4m3 bytes of ``e2m1 * 2**(s - B + 6)`` and the row scale ``2**(B - 6)``.
+
+    ``ROUTED`` (the MoE's rows, grouped by expert): row r holds slot ``slot_of_row[r]`` and only
+    the first ``routed_rows`` rows are real (the rest get zeros). Without ``SWIGLU`` the row is
+    token ``slot // TOP_K`` of the source, and the kernel also records ``row_of_slot[slot] = r``
+    for the combine; with ``SWIGLU`` it is row r of the gate/up output.
 
     Maxima are taken on the integer bits of |x| (ordered like the values; NaN and inf above every
     finite value, which is how a poisoned block is found)."""
     row = tl.program_id(0)
+    source_row = row
+    expert = 0
+    if ROUTED:
+        if row >= tl.load(routed_rows_ptr):
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                tl.store(q_ptr + row * K + ks, tl.zeros((BLOCK_K,), dtype=tl.uint8), mask=ks < K)
+            tl.store(row_scale_ptr + row, 0.0)
+            return
+        slot = tl.load(slot_of_row_ptr + row)
+        expert = tl.load(ids_ptr + slot).to(tl.int64)
+        if SWIGLU:
+            source_row = row
+        else:
+            source_row = slot // TOP_K
+            tl.store(row_of_slot_ptr + slot, row)
     GROUPS: tl.constexpr = BLOCK_K // 32
     largest = tl.zeros((BLOCK_K,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
+        x = _source_chunk(src_ptr, source_row, k0 + tl.arange(0, BLOCK_K), K, stride_src, bias_ptr, expert,
+                          swiglu_alpha, swiglu_limit, SWIGLU, CLAMPED, HAS_BIAS)
         bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
         largest = tl.maximum(largest, tl.where(bits < 0x7F800000, bits, 0))  # finite values only
     base = mxfp4_spec_exponent(tl.max(largest, axis=0))
     tl.store(row_scale_ptr + row, exp2_int(base - E4M3_HEADROOM))
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + row * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)
+        x = _source_chunk(src_ptr, source_row, ks, K, stride_src, bias_ptr, expert, swiglu_alpha, swiglu_limit,
+                          SWIGLU, CLAMPED, HAS_BIAS)
         blocks = tl.reshape(x, (GROUPS, 32))
         block_bits = tl.max(blocks.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
         exponent = mxfp4_spec_exponent(block_bits)
@@ -146,6 +189,10 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, alpha_ptr, bias_ptr
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
+def _conversion_block_k(k: int) -> int:
+    return min(1024, max(32, triton.next_power_of_2(k)))
+
+
 def mxfp4_activation_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) -> (e4m3 bytes uint8 (M, K), row scales float32 (M,)): the MXFP4 quantization of x
     as e4m3 relative to each row's largest group (see the module docstring)."""
@@ -154,8 +201,42 @@ def mxfp4_activation_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     q = torch.empty((m, k), dtype=torch.uint8, device=x.device)
     row_scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m:
-        _activation_to_fp8_kernel[(m,)](x, q, row_scale, k, x.stride(0), BLOCK_K=min(1024, triton.next_power_of_2(k)),
-                                        HW_CVT=x.device.type == "cuda")
+        _rows_to_fp8_kernel[(m,)](x, q, row_scale, k, x.stride(0), x, x, x, x, x, 0.0, 0.0, TOP_K=1, ROUTED=False,
+                                  SWIGLU=False, CLAMPED=False, HAS_BIAS=False, BLOCK_K=_conversion_block_k(k),
+                                  HW_CVT=x.device.type == "cuda")
+    return q, row_scale
+
+
+def mxfp4_routed_rows_to_fp8(
+    source: torch.Tensor,
+    slot_of_row: torch.Tensor,
+    routed_rows: torch.Tensor,
+    topk_ids: torch.Tensor,
+    row_of_slot: torch.Tensor | None = None,
+    swiglu: tuple[str, float, float] | None = None,
+    gate_up_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MoE's rows (grouped by expert; ``routed_rows``: a device scalar, how many are real) as
+    e4m3 bytes and row scales, for a grouped fp8 GEMM.
+
+    Without ``swiglu``: row r is the token of slot ``slot_of_row[r]`` (``source`` (T, H), each
+    token once per choice) and ``row_of_slot`` (T * k,) receives each routed slot's row. With
+    ``swiglu`` = (activation, alpha, limit): row r is the activation of row r of ``source``, the
+    gate/up output (rows, 2I), plus ``gate_up_bias`` (E, 2I) of the row's expert."""
+    rows = slot_of_row.numel()
+    k = source.shape[1] // 2 if swiglu else source.shape[1]
+    check_offsets(max(rows, source.shape[0]), max(2 * k, source.stride(0)))
+    q = torch.empty((rows, k), dtype=torch.uint8, device=source.device)
+    row_scale = torch.empty((rows,), dtype=torch.float32, device=source.device)
+    activation, alpha, limit = swiglu or ("silu", 0.0, 0.0)
+    if rows:
+        _rows_to_fp8_kernel[(rows,)](
+            source, q, row_scale, k, source.stride(0), slot_of_row, routed_rows,
+            row_of_slot if row_of_slot is not None else slot_of_row, topk_ids,
+            gate_up_bias if gate_up_bias is not None else source, float(alpha), float(limit),
+            TOP_K=topk_ids.shape[1], ROUTED=True, SWIGLU=swiglu is not None, CLAMPED=activation == "clamped_swiglu",
+            HAS_BIAS=gate_up_bias is not None, BLOCK_K=_conversion_block_k(k), HW_CVT=source.device.type == "cuda",
+        )
     return q, row_scale
 
 
@@ -174,31 +255,17 @@ def mxfp4_weight_to_fp8(packed: torch.Tensor, scales: torch.Tensor) -> tuple[tor
     return q, row_scale
 
 
-def _has_rowwise_scaled_mm(device: torch.device) -> bool:
-    """Whether ``torch._scaled_mm`` takes e4m3 operands with per-row float32 scales here (CUTLASS
-    on sm_90 and newer); elsewhere the Triton fp8 GEMM below runs."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
 def fp8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, w_global_scale: torch.Tensor,
-               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+               bias: torch.Tensor | None, out_dtype: torch.dtype,
+               weight_e4m3: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """MXFP4 W4A4 ``x @ w.T * w_global_scale + bias`` through e4m3 tensor cores (x (M, K), unit
-    column stride; the activation's MXFP4 global scale is 1).
-
-    Both operands are converted per call (two Triton kernels), then multiplied by
-    ``torch._scaled_mm`` with per-row scales (PyTorch's CUTLASS fp8 GEMM, float32 accumulation)
-    where the GPU has it and the call fits its contract (bf16 output, N a multiple of 16), else
-    by ``_fp8_gemm_kernel``."""
+    column stride; the activation's MXFP4 global scale is 1): the activation converted per call,
+    the weight too unless ``weight_e4m3`` (its ``mxfp4_weight_to_fp8`` form, made at compile time)
+    is given, then ``_fp8_gemm_kernel``. (The CUTLASS version of the same is ``kernels.cutlass``.)"""
     m, k = x.shape
     n = w_packed.shape[0]
     a, a_scale = mxfp4_activation_to_fp8(x)
-    b, b_scale = mxfp4_weight_to_fp8(w_packed, w_scales)
-    if _has_rowwise_scaled_mm(x.device) and out_dtype == torch.bfloat16 and n % 16 == 0 and k % 16 == 0:
-        e4m3 = torch.float8_e4m3fn
-        scale_b = (b_scale * w_global_scale.reshape(()))[None, :]
-        out = torch._scaled_mm(a.view(e4m3), b.view(e4m3).t(), scale_a=a_scale[:, None], scale_b=scale_b,
-                               out_dtype=torch.bfloat16)
-        return out.add_(bias) if bias is not None else out
+    b, b_scale = weight_e4m3 or mxfp4_weight_to_fp8(w_packed, w_scales)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     on_gpu = x.device.type == "cuda"
     block_m, block_n, block_k = (128, 128, 128) if on_gpu else (16, 32, 32)

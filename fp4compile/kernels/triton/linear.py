@@ -3,7 +3,8 @@
 - M <= ``LARGE_M``: ``gemm.fp4_gemm``, every row in one M tile (each weight tile decoded once),
   K split over programs when the N tiles alone cannot fill the GPU (decode sizes).
 - M > ``LARGE_M``: compute-bound. MXFP4 W4A4 runs on fp8 tensor cores (``fp8.fp8_linear``, twice
-  the bf16 rate); everything else dequantizes the weight to bf16 in chunks and calls cuBLAS
+  the bf16 rate; the same through CUTLASS is ``kernels.cutlass``, and the op times both);
+  everything else dequantizes the weight to bf16 in chunks and calls cuBLAS
   (``dequantize.dequantize_linear``), which beats decoding tiles inside the GEMM there.
 
 W4A4 other than the fp8 path quantizes the activation first (``fp4_fake_quantize``: the exact
@@ -48,8 +49,10 @@ def fp4_linear(
     bias: torch.Tensor | None,
     fmt: str,
     act_mode: str,
+    weight_e4m3: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Triton version of ``fp4::linear`` (arguments validated by the op)."""
+    """Triton version of ``fp4::linear`` (arguments validated by the op); ``weight_e4m3``: the
+    weight's fp8 form made at compile time, for the fp8 path."""
     *lead, k = x.shape
     n = w_packed.shape[0]
     rows = x.reshape(-1, k)
@@ -65,7 +68,7 @@ def fp4_linear(
     bias = bias.contiguous() if bias is not None else None
     kernel = kernel_for(m, fmt, act_mode, x.device) if x.device.type == "cuda" else "fp4-gemm"
     if kernel == "fp8":
-        return fp8_linear(rows, w_packed, w_scales, w_global_scale, bias, x.dtype).reshape(*lead, n)
+        return fp8_linear(rows, w_packed, w_scales, w_global_scale, bias, x.dtype, weight_e4m3).reshape(*lead, n)
     dot_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
     if act_mode == "fp4":
         rows, a_gs = fp4_fake_quantize(rows, fmt, act_global_scale, dot_dtype)

@@ -39,7 +39,7 @@ from .quantize import fake_quantize_tile, finite_amax, fp4_fake_quantize
 
 
 @triton.jit
-def _swiglu(gate, up, CLAMPED: tl.constexpr, alpha, limit):
+def swiglu_tile(gate, up, CLAMPED: tl.constexpr, alpha, limit):
     """``formats.moe.swiglu`` on float32 tiles: silu(gate) * up, or gpt-oss's clamped form."""
     if CLAMPED:
         gate = tl.minimum(gate, limit)
@@ -104,7 +104,7 @@ def _gate_up_kernel(
         bias_ptr += expert * (2 * INTER)
         gate += tl.load(bias_ptr + gate_rows).to(tl.float32)[None, :]
         up += tl.load(bias_ptr + up_rows).to(tl.float32)[None, :]
-    act = _swiglu(gate, up, CLAMPED, swiglu_alpha, swiglu_limit)
+    act = swiglu_tile(gate, up, CLAMPED, swiglu_alpha, swiglu_limit)
     if QUANTIZE_OUT:
         act = fake_quantize_tile(act, 1.0, GROUP, IS_MXFP4, FMA_DIVISION, BLOCK_M, BLOCK_N)
     mask = routed[:, None] & (cols[None, :] < INTER)
@@ -149,17 +149,57 @@ def _down_kernel(
 
 
 @triton.jit
-def _combine_kernel(slot_out_ptr, ids_ptr, out_ptr, N, EXPERTS, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[token] = sum over its choices j (in order) of slot_out[token * k + j]; slots routed to
-    no expert (id outside [0, E), rows never written) add nothing."""
+def _combine_kernel(src_ptr, ids_ptr, out_ptr, row_of_slot_ptr, weights_ptr, bias_ptr, N, EXPERTS,
+                    TOP_K: tl.constexpr, WEIGHTED_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[token] = the sum over its choices j (in order) of its slots' outputs; slots routed to no
+    expert (id outside [0, E), rows never written) add nothing.
+
+    A slot's output is ``src[token * k + j]`` (float32, routing weight and bias applied by the down
+    GEMM), or with ``WEIGHTED_ROWS`` ``weight * (src[row_of_slot[slot]] + bias[expert])``: the
+    down GEMM's row of that slot (a library GEMM with no such epilogue)."""
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        expert = tl.load(ids_ptr + token * TOP_K + j)
+        slot = token * TOP_K + j
+        expert = tl.load(ids_ptr + slot)
         routed = (expert >= 0) & (expert < EXPERTS)
-        acc += tl.load(slot_out_ptr + (token * TOP_K + j) * N + cols, mask=(cols < N) & routed, other=0.0)
+        mask = (cols < N) & routed
+        if WEIGHTED_ROWS:
+            row = tl.load(row_of_slot_ptr + slot, mask=routed, other=0).to(tl.int64)
+            value = tl.load(src_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                value += tl.load(bias_ptr + expert * N + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(mask, value * tl.load(weights_ptr + slot).to(tl.float32), 0.0)
+        else:
+            acc += tl.load(src_ptr + slot * N + cols, mask=mask, other=0.0)
     tl.store(out_ptr + token * N + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
+
+
+def combine_slots(
+    src: torch.Tensor,
+    topk_ids: torch.Tensor,
+    experts: int,
+    out_dtype: torch.dtype,
+    row_of_slot: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each token's output (T, N): the sum of its slots' rows of ``src``, float32 (T * k, N) with
+    the routing weights applied; or, given ``row_of_slot``, ``topk_weights * (src[row] + bias)``
+    (``_combine_kernel``)."""
+    tokens, top_k = topk_ids.shape
+    size = src.shape[1]
+    out = torch.empty((tokens, size), dtype=out_dtype, device=src.device)
+    block = min(1024, triton.next_power_of_2(size))
+    weighted = row_of_slot is not None
+    _combine_kernel[(tokens, triton.cdiv(size, block))](
+        src, topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous(), out,
+        row_of_slot if weighted else src, topk_weights.contiguous() if weighted else src,
+        bias.contiguous() if bias is not None else src, size, experts,
+        TOP_K=top_k, WEIGHTED_ROWS=weighted, HAS_BIAS=bias is not None, BLOCK_N=block,
+    )
+    return out
 
 
 @dataclass(frozen=True)
@@ -273,10 +313,4 @@ def fp4_moe(
         HAS_BIAS=down_bias is not None, HAS_X_SCALE=nvfp4_w4a4, EVEN_K=inter % block_k == 0,
         SCALE_WORDS=scale_words(inter, block_k, spec.group_size, down_scales), BLOCK_K=block_k, **kernel_args,
     )
-    out = torch.empty((tokens, size), dtype=hidden.dtype, device=hidden.device)
-    combine_block = min(1024, triton.next_power_of_2(size))
-    _combine_kernel[(tokens, triton.cdiv(size, combine_block))](
-        slot_out, topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous(), out, size, experts,
-        TOP_K=top_k, BLOCK_N=combine_block,
-    )
-    return out
+    return combine_slots(slot_out, topk_ids, experts, hidden.dtype)
