@@ -76,7 +76,8 @@ def check_linear(m: int, n: int, k: int, fmt: str, act_mode: str, generator: tor
 def random_fp4_weight(n: int, k: int, fmt: str, generator: torch.Generator):
     """Random codes (every byte value) and scales over a wide range: NVFP4 every finite e4m3 byte,
     subnormals included; MXFP4 a window of 100 binades per row, placed anywhere in e8m0's range
-    (within a row the kernel is exact over 125 binades, see ``kernels/triton/gemm.py``)."""
+    where the values stay finite in float32 (byte 252 at most: 6 * 2**125; within a row the
+    kernel is exact over 125 binades, see ``kernels/triton/gemm.py``)."""
     spec = get_format(fmt)
     packed = torch.randint(0, 256, (n, k // 2), generator=generator, dtype=torch.int32).to(torch.uint8)
     groups = k // spec.group_size
@@ -84,7 +85,7 @@ def random_fp4_weight(n: int, k: int, fmt: str, generator: torch.Generator):
         scales = torch.randint(0, 0x7F, (n, groups), generator=generator, dtype=torch.int32)
         global_scale = torch.rand((), generator=generator) + 0.5
     else:
-        low = torch.randint(1, 254 - 100, (n, 1), generator=generator, dtype=torch.int32)
+        low = torch.randint(1, 253 - 100, (n, 1), generator=generator, dtype=torch.int32)
         scales = low + torch.randint(0, 101, (n, groups), generator=generator, dtype=torch.int32)
         global_scale = torch.tensor(1.0)
     return quantized_tensor(packed, scales.to(torch.uint8), global_scale, fmt)

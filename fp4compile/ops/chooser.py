@@ -20,6 +20,7 @@ cached, so a later uncaptured call still measures. Under ``mode="reduce-overhead
 cudagraph trees run each graph eagerly before recording it, which is where the timing happens.
 """
 
+import functools
 import json
 import logging
 import os
@@ -70,8 +71,10 @@ def bucket(size: int) -> int:
     return 1 << max(size - 1, 0).bit_length()
 
 
+@functools.cache
 def _environment_key(device: torch.device) -> str:
-    """What a measured choice depends on besides the call: the GPU and the code that runs."""
+    """What a measured choice depends on besides the call: the GPU and the code that runs (cached:
+    it is looked up on every call with more than one candidate)."""
     import triton
 
     from .. import __version__
