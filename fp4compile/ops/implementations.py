@@ -28,12 +28,11 @@ def triton_unsupported(device: torch.device) -> str | None:
     return None
 
 
-def cutlass_unsupported(device: torch.device, act_mode: str) -> str | None:
-    """Why no CUTLASS GEMM can run an op on ``device`` with ``act_mode``, whatever the shape, or None."""
+def cutlass_unsupported(device: torch.device) -> str | None:
+    """Why ``kernels.cutlass`` cannot even be asked about ``device`` (checked before importing it,
+    which needs Triton); what each GPU generation computes is its own check."""
     if device.type != "cuda":
         return "the CUTLASS GEMMs run on CUDA tensors"
-    if act_mode != "fp4":
-        return "the CUTLASS fp4/fp8 GEMMs multiply quantized activations (W4A4) only"
     if not TRITON_AVAILABLE:
         return "its conversion kernels need Triton, which is not installed"
     return None
@@ -93,6 +92,6 @@ def implementation_for(device: torch.device, fmt: str, act_mode: str, configured
         from ..kernels.triton.linear import kernel_plan
 
         triton = f"triton ({kernel_plan(fmt, act_mode, device)})"
-    if (cutlass_unsupported(device, act_mode) or cutlass_kernels().unsupported(device, fmt, act_mode, op)) is not None:
+    if (cutlass_unsupported(device) or cutlass_kernels().unsupported(device, fmt, act_mode, op)) is not None:
         return triton
     return f"auto: {triton} or cutlass, timed per shape"

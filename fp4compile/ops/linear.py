@@ -47,7 +47,7 @@ def linear(
         "torch": lambda: linear_reference(x, QuantizedTensor(w_packed, w_scales, w_global_scale, fmt), act_global_scale,
                                           bias, act_mode),
         "triton": triton_unsupported(x.device) or (lambda: triton_kernels().fp4_linear(*args, weight_e4m3)),
-        "cutlass": (cutlass_unsupported(x.device, act_mode) or cutlass_kernels().linear_unsupported(x, fmt, act_mode, n, k))
+        "cutlass": (cutlass_unsupported(x.device) or cutlass_kernels().linear_unsupported(x, fmt, act_mode, n, k))
                    or (lambda: cutlass_kernels().linear(x, w_packed, w_scales, w_global_scale, act_global_scale, bias,
                                                         fmt, weight_e4m3)),
     }

@@ -16,7 +16,9 @@ from ..formats.linear import check_act_mode
 from ..formats.moe import check_activation, moe_reference
 from ..formats.spec import get_format
 from .chooser import bucket, check_implementation, run_chosen
-from .implementations import check_e4m3_weight, cutlass_kernels, cutlass_unsupported, triton_unsupported
+from .implementations import (
+    check_e4m3_weight, cutlass_kernels, cutlass_unsupported, triton_kernels, triton_unsupported,
+)
 
 
 @torch.library.custom_op("fp4::moe", mutates_args=())
@@ -65,8 +67,8 @@ def moe(
             QuantizedTensor(down_packed, down_scales, down_global_scale, fmt),
             gate_up_bias, down_bias, act_mode, activation, alpha, limit,
         ),
-        "triton": triton_unsupported(hidden.device) or (lambda: triton_moe()(*args, alpha, limit)),
-        "cutlass": (cutlass_unsupported(hidden.device, act_mode)
+        "triton": triton_unsupported(hidden.device) or (lambda: triton_kernels().fp4_moe(*args, alpha, limit)),
+        "cutlass": (cutlass_unsupported(hidden.device)
                     or cutlass_kernels().moe_unsupported(hidden, fmt, act_mode, size, two_inter // 2))
                    or (lambda: cutlass_kernels().moe(
                        hidden, topk_ids, topk_weights, (gate_up_packed, gate_up_scales, gate_up_global_scale),
@@ -76,12 +78,6 @@ def moe(
     key = (f"fp4::moe {fmt} {'W4A4' if act_mode == 'fp4' else 'W4A16'} E={experts} H={size} I={two_inter // 2} "
            f"k={topk_ids.shape[1]} T<={bucket(tokens)} {hidden.dtype}{' e4m3-weights' if gate_up_fp8 else ''}")
     return run_chosen("fp4::moe", implementation, key, hidden.device, options)
-
-
-def triton_moe():
-    from ..kernels.triton.moe import fp4_moe
-
-    return fp4_moe
 
 
 @moe.register_fake

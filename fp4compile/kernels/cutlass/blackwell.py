@@ -21,7 +21,9 @@ deviation), and W4A4 here must equal the reference's quantization bit for bit. T
 transform qutlass would need (``torch.eye``) is therefore not involved either.
 """
 
+import functools
 import importlib
+import sys
 from types import ModuleType
 
 import torch
@@ -34,7 +36,16 @@ SCALE_DTYPES = {"mxfp4": torch.float8_e8m0fnu, "nvfp4": torch.float8_e4m3fn}
 
 
 def qutlass_module() -> ModuleType | None:
-    """qutlass if it is installed, else None."""
+    """qutlass if it is installed, else None. Every op call asks: ``sys.modules`` answers once it
+    is imported (or a test put a stand-in there), and a failed import is tried once per process,
+    not per call (it searches the module path each time)."""
+    if "qutlass" in sys.modules:
+        return sys.modules["qutlass"]
+    return _import_qutlass()
+
+
+@functools.cache
+def _import_qutlass() -> ModuleType | None:
     try:
         return importlib.import_module("qutlass")
     except ImportError:
