@@ -146,7 +146,7 @@ def main() -> None:
                           flush=True)
             del weights, quantized
     print("\nGeometric mean of the ratio to bf16 (>1: faster); kernel = what fp4::linear runs at that M")
-    print("| M | timing | kernel (W4A16 / MXFP4 W4A4) | " + " | ".join(titles) + " |\n|---|---|---|" + "|---" * len(columns) + "|")
+    print("| M | timing | kernel (W4A16 / MXFP4 W4A4) | " + " | ".join(titles) + " |\n|---|---|---" + "|---" * len(columns) + "|")
     for (m, timing), per in sorted(ratios.items()):
         cuda = torch.device("cuda")
         kernels = f"{kernel_for(m, 'nvfp4', 'none', cuda)} / {kernel_for(m, 'mxfp4', 'fp4', cuda)}"

@@ -171,6 +171,16 @@ def _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent, k0, M, K, HALF_K, 
 
 
 @triton.jit
+def global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE: tl.constexpr):
+    """alpha = the weight's global scale, times the activation's (NVFP4 W4A4): multiplied here,
+    from device memory, rather than by a launch of its own before the GEMM."""
+    alpha = tl.load(w_gs_ptr)
+    if HAS_X_SCALE:
+        alpha *= tl.load(x_gs_ptr)
+    return alpha
+
+
+@triton.jit
 def _first_unit(program, UNITS, PROGRAMS):
     """Stream-K partition: program p owns units [ceil(p * U / P), ceil((p + 1) * U / P)), so unit u
     belongs to program u * P // U; every program gets U / P units, give or take one."""
@@ -179,9 +189,9 @@ def _first_unit(program, UNITS, PROGRAMS):
 
 @triton.jit
 def _fp4_gemm_kernel(
-    x_ptr, w_ptr, s_ptr, alpha_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+    x_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
     M, N, K, HALF_K, K_GROUPS, stride_xm, TILES_N, K_TILES, UNITS,
-    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
@@ -215,8 +225,8 @@ def _fp4_gemm_kernel(
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         if (k_first == 0) & (k_last == K_TILES):
-            _store_output(acc, alpha_ptr, bias_ptr, out_ptr, rows[:, None] * N + cols[None, :], cols, mask, N,
-                          HAS_BIAS)
+            _store_output(acc, global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE), bias_ptr, out_ptr,
+                          rows[:, None] * N + cols[None, :], cols, mask, N, HAS_BIAS)
         else:
             slot = program * 2 + (tile != first_tile)  # only a first and a last segment can be partial
             tl.store(partial_ptr + slot * (BLOCK_M * BLOCK_N) + tile_offsets, acc, mask=mask)
@@ -232,16 +242,16 @@ def _fp4_gemm_kernel(
                     # .cg: read from L2, never from a line this SM's L1 kept from an earlier call.
                     acc += tl.load(partial_ptr + q_slot * (BLOCK_M * BLOCK_N) + tile_offsets, mask=mask, other=0.0,
                                    cache_modifier=".cg")
-                _store_output(acc, alpha_ptr, bias_ptr, out_ptr, rows[:, None] * N + cols[None, :], cols, mask, N,
-                              HAS_BIAS)
+                _store_output(acc, global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE), bias_ptr, out_ptr,
+                              rows[:, None] * N + cols[None, :], cols, mask, N, HAS_BIAS)
                 tl.atomic_xchg(counter_ptr + tile, 0)
         unit += k_last - k_first
 
 
 @triton.jit
-def _store_output(acc, alpha_ptr, bias_ptr, out_ptr, offsets, cols, mask, N, HAS_BIAS: tl.constexpr):
+def _store_output(acc, alpha, bias_ptr, out_ptr, offsets, cols, mask, N, HAS_BIAS: tl.constexpr):
     """out = alpha * acc + bias, in out's dtype."""
-    acc = acc * tl.load(alpha_ptr)
+    acc = acc * alpha
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -357,15 +367,19 @@ def fp4_gemm(
     a: torch.Tensor,
     w_packed: torch.Tensor,
     w_scales: torch.Tensor,
-    alpha: torch.Tensor,
+    w_global_scale: torch.Tensor,
     bias: torch.Tensor | None,
     fmt: str,
     out_dtype: torch.dtype,
     config: GemmConfig | None = None,
+    a_global_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``alpha * (a @ w.T) + bias`` for a (M, K) with unit column stride and an fp4 weight (N, K).
 
-    ``a`` is bf16 on the GPU (float32 in the interpreter); ``alpha`` a 0-dim float32 device tensor.
+    ``a`` is bf16 on the GPU (float32 in the interpreter): W4A16's activation, or W4A4's values
+    from ``fp4_fake_quantize``. ``alpha`` is ``w_global_scale`` times ``a_global_scale`` (NVFP4
+    W4A4's activation scale; ignored for MXFP4), both one-element float32 device tensors,
+    multiplied inside the kernel.
     """
     m, k = a.shape
     n = w_packed.shape[0]
@@ -383,10 +397,11 @@ def fp4_gemm(
     partial = torch.empty((programs * 2, cfg.block_m, cfg.block_n), dtype=torch.float32, device=a.device)
     counters = _split_counters(a.device, tiles)
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
+    has_x_scale = spec is not MXFP4 and a_global_scale is not None
     _fp4_gemm_kernel[(programs,)](
-        a, w_packed, w_scales, alpha, bias_arg, out, partial, counters,
-        m, n, k, k // 2, k // spec.group_size, a.stride(0), tiles_n, k_tiles, units,
-        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None,
+        a, w_packed, w_scales, w_global_scale, a_global_scale if has_x_scale else w_global_scale, bias_arg, out,
+        partial, counters, m, n, k, k // 2, k // spec.group_size, a.stride(0), tiles_n, k_tiles, units,
+        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None, HAS_X_SCALE=has_x_scale,
         EVEN_K=k % cfg.block_k == 0, SCALE_WORDS=words,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_ASM=on_gpu and has_bf16x2_multiply(a.device), DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32,

@@ -8,7 +8,9 @@
   (``dequantize.dequantize_linear``), which beats decoding tiles inside the GEMM there.
 
 W4A4 other than the fp8 path quantizes the activation first (``fp4_fake_quantize``: the exact
-``e2m1 * scale`` values in bf16) and multiplies like W4A16, with ``alpha = gs_a * gs_w``.
+``e2m1 * scale`` values in bf16) and multiplies like W4A16, with ``alpha = gs_a * gs_w`` formed
+inside the GEMM. Quantizing inside the GEMM's K loop instead (no separate launch) was measured
+slower at every decode size (``benchmarks/RESULTS.md``).
 """
 
 import torch
@@ -69,14 +71,14 @@ def fp4_linear(
     kernel = kernel_for(m, fmt, act_mode, x.device) if x.device.type == "cuda" else "fp4-gemm"
     if kernel == "fp8":
         return fp8_linear(rows, w_packed, w_scales, w_global_scale, bias, x.dtype, weight_e4m3).reshape(*lead, n)
+    w_gs = w_global_scale.reshape(()).float()
     dot_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
+    a_gs = None
     if act_mode == "fp4":
         rows, a_gs = fp4_fake_quantize(rows, fmt, act_global_scale, dot_dtype)
-        alpha = a_gs * w_global_scale.reshape(())
-    else:
-        alpha = w_global_scale.reshape(()).float()
     if kernel == "dequantize+cublas":
+        alpha = w_gs if a_gs is None else a_gs * w_gs
         out = dequantize_linear(rows.to(dot_dtype), w_packed, w_scales, alpha, bias, fmt).to(x.dtype)
     else:
-        out = fp4_gemm(rows, w_packed, w_scales, alpha, bias, fmt, x.dtype)
+        out = fp4_gemm(rows, w_packed, w_scales, w_gs, bias, fmt, x.dtype, a_global_scale=a_gs)
     return out.reshape(*lead, n)

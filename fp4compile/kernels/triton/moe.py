@@ -32,7 +32,8 @@ import triton.language as tl
 from ...formats.spec import MXFP4, get_format
 from .codecs import check_offsets
 from .gemm import (
-    activation_tile, dot_even_odd, has_bf16x2_multiply, mx_row_exponent, scale_words, undo_decode_factor, weight_tile,
+    activation_tile, dot_even_odd, global_alpha, has_bf16x2_multiply, mx_row_exponent, scale_words, undo_decode_factor,
+    weight_tile,
 )
 from .moe_dispatch import dispatch_tokens, tile_expert
 from .quantize import fake_quantize_tile, finite_amax, fp4_fake_quantize
@@ -47,15 +48,6 @@ def swiglu_tile(gate, up, CLAMPED: tl.constexpr, alpha, limit):
         return (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
     else:
         return gate * tl.sigmoid(gate) * up
-
-
-@triton.jit
-def _alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE: tl.constexpr):
-    """The weight's global scale, times the activation's (NVFP4 W4A4), read on the device."""
-    alpha = tl.load(w_gs_ptr)
-    if HAS_X_SCALE:
-        alpha *= tl.load(x_gs_ptr)
-    return alpha
 
 
 @triton.jit
@@ -97,7 +89,7 @@ def _gate_up_kernel(
         w_even, w_odd = weight_tile(w_ptr, s_ptr, up_rows, up_exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4,
                                     EVEN_K, SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
         acc_up = dot_even_odd(acc_up, x, w_even, w_odd, BLOCK_M, BLOCK_K)
-    alpha = _alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
+    alpha = global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
     gate = undo_decode_factor(acc_gate, gate_exponent, IS_MXFP4) * alpha
     up = undo_decode_factor(acc_up, up_exponent, IS_MXFP4) * alpha
     if HAS_BIAS:
@@ -140,7 +132,7 @@ def _down_kernel(
         w_even, w_odd = weight_tile(w_ptr, s_ptr, w_rows, exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4, EVEN_K,
                                     SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
         acc = dot_even_odd(acc, x, w_even, w_odd, BLOCK_M, BLOCK_K)
-    y = undo_decode_factor(acc, exponent, IS_MXFP4) * _alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
+    y = undo_decode_factor(acc, exponent, IS_MXFP4) * global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
     if HAS_BIAS:
         y += tl.load(bias_ptr + expert * N + w_rows).to(tl.float32)[None, :]
     slots = tl.load(slot_of_row_ptr + rows, mask=routed, other=0)
@@ -285,7 +277,8 @@ def fp4_moe(
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     x_global_scale = gate_up_global_scale  # not read unless nvfp4_w4a4
     if w4a4:
-        x, x_global_scale = fp4_fake_quantize(x, fmt, None, dot_dtype)
+        x, gs = fp4_fake_quantize(x, fmt, None, dot_dtype)
+        x_global_scale = x_global_scale if gs is None else gs
     amax = torch.zeros((), dtype=torch.float32, device=hidden.device) if nvfp4_w4a4 else x_global_scale
     gate_up_packed, gate_up_scales = gate_up_packed.contiguous(), gate_up_scales.contiguous()
     down_packed, down_scales = down_packed.contiguous(), down_scales.contiguous()
