@@ -145,7 +145,7 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s\n")
     print("| model | tokens | floor us (mxfp4 / nvfp4) | " + " | ".join(f"{NAMES[v]} us (x floor)" for v in VARIANTS)
           + " | bf16 grouped_mm us | fp4 best x grouped_mm | HF bf16 us (impl) | fp4 best x HF |")
-    print("|---" * (9 + len(VARIANTS) - 1) + "|")
+    print("|---" * (7 + len(VARIANTS)) + "|")
     memory = []
     for model in args.models.split(","):
         shape = SHAPES[model]

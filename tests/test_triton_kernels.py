@@ -157,6 +157,20 @@ def test_stream_k_partitions_sum_every_unit_once(fmt: str, m: int, n: int, k: in
     assert torch.equal(y, fp4_gemm(x, w.packed, w.scales, w.global_scale, bias, fmt, torch.float32, config))
 
 
+@pytest.mark.parametrize("m", [5, 130])  # 130: on the GPU the dequantize + cuBLAS path
+@pytest.mark.parametrize("scale_shape", [(), (1,)])
+def test_w4a4_linear_with_a_static_activation_scale(m: int, scale_shape: tuple, rng: torch.Generator):
+    """A static NVFP4 activation scale reaches the GEMM's alpha as given (0-dim or one element),
+    uncopied and unwritten; the result matches fp64 on the reference quantization."""
+    x = torch.randn(m, 96, generator=rng).to(torch.bfloat16).to(DEVICE)
+    w = quantize(torch.randn(48, 96, generator=rng).to(DEVICE), "nvfp4")
+    scale = torch.full(scale_shape, 0.05, device=DEVICE)
+    y = triton_kernels.fp4_linear(x, w.packed, w.scales, w.global_scale, scale, None, "nvfp4", "fp4")
+    a = dequantize(quantize(x, "nvfp4", global_scale=scale.reshape(1)), torch.float64)
+    assert relative_error(y, a @ dequantize(w, torch.float64).T) < 1e-2
+    assert torch.equal(scale, torch.full(scale_shape, 0.05, device=DEVICE))
+
+
 @pytest.mark.parametrize(("m", "k", "block_m", "block_k", "programs"), [(1, 64, 16, 32, 256), (5, 160, 1, 32, 4),
                                                                        (40, 96, 16, 32, 3)])
 def test_finite_amax_partials_hold_the_finite_amax(m: int, k: int, block_m: int, block_k: int, programs: int,

@@ -2,7 +2,8 @@
 
 One op for W4A4 (``act_mode="fp4"``: the activation is quantized inside the op, so a kernel can
 fuse it into the GEMM) and W4A16 (``act_mode="none"``). The global scales enter only as
-``alpha = gs_activation * gs_weight``, a device tensor, so a forward never syncs with the host.
+``alpha = gs_activation * gs_weight``, formed on the device from the two global-scale tensors,
+so a forward never syncs with the host.
 """
 
 import torch

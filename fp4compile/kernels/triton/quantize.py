@@ -3,7 +3,8 @@
 Bit-for-bit the ``spec`` rule of ``formats`` (MXFP4 and NVFP4), in one pass over x for MXFP4 and
 static-scale NVFP4. A dynamic NVFP4 global scale, ``amax * (1 / (6 * 448))`` over the finite
 values, takes a second pass: an amax kernel writing partial maxima, whose maximum the quantize
-kernel (or the fp4 GEMM) takes on the device. No host sync, CUDA-graph safe.
+kernel takes on the device (and writes the scale it makes, for the GEMM's alpha). No host sync,
+CUDA-graph safe.
 """
 
 import torch
@@ -190,7 +191,7 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
     _quantize_kernel[grid](
         rows, packed, scales, values, gs if gs is not None else values, amax if dynamic else values, m, k,
         rows.stride(0), num_amax, GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, GS_FROM_AMAX=dynamic,
-        AMAX_BLOCK=triton.next_power_of_2(num_amax), WRITE_VALUES=write_values, BLOCK_M=block_m,
+        AMAX_BLOCK=AMAX_PROGRAMS if num_amax > 1 else 1, WRITE_VALUES=write_values, BLOCK_M=block_m,
         GROUPS_PER_PROGRAM=groups_per_program, FMA_DIVISION=x.device.type == "cuda",
     )
     return packed, scales, values, gs
@@ -200,14 +201,15 @@ AMAX_PROGRAMS = 512
 """At most this many programs (and partial maxima) in ``finite_amax_partials``: enough to stream a
 prefill-sized activation near copy bandwidth (measured on an H100 at 4096 x 28672: 94 us with 512
 programs of 8 warps over 64 x 512 tiles; 101 us with 256; 207 us with 16 x 128 tiles), few
-enough for every reader to take their maximum."""
+enough for every program of the quantize kernel to take their maximum. The quantize kernel reads
+a fixed ``AMAX_PROGRAMS`` block (masked), so one compiled kernel serves every M."""
 
 
 def finite_amax_partials(x: torch.Tensor, block_m: int | None = None, block_k: int | None = None,
                          programs: int = AMAX_PROGRAMS) -> torch.Tensor:
     """Partial finite maxima of |x| (M, K) whose maximum is x's finite amax (float32, at most
-    ``programs``; none for an empty x): what a kernel needing a dynamic NVFP4 global scale
-    reads (``activation_global_scale``). Partials need no zeroed accumulator, so no extra launch.
+    ``programs``; none for an empty x): what the quantize kernel reduces into a dynamic NVFP4
+    global scale (``activation_global_scale``). Partials need no zeroed accumulator, so no extra launch.
     Default tiles: small at decode sizes (enough programs to fill the GPU), large at prefill."""
     m, k = x.shape
     large = m > 256
@@ -238,7 +240,7 @@ def fp4_quantize(
 def fp4_fake_quantize(
     x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, dtype: torch.dtype,
     finite_amax: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x (M, K) quantized and decoded in one pass: ``e2m1 * block_scale`` as ``dtype`` (M, K),
     and the global scale (None for MXFP4). bf16 holds these products exactly, so a GEMM on them equals one on the
     codes; W4A4 GEMMs use this so that activations are decoded once, not once per weight tile.
