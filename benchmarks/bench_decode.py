@@ -60,6 +60,9 @@ VARIANTS = {
     "nvfp4-w4a16": Fp4Config(format="nvfp4"),
     "mxfp4-w4a4": Fp4Config(format="mxfp4", act_mode="fp4"),
     "nvfp4-w4a4": Fp4Config(format="nvfp4", act_mode="fp4"),
+    # The same without Fp4Config.fuse_projections (q/k/v and gate/up as separate GEMMs), to measure it.
+    "nvfp4-w4a16-unfused": Fp4Config(format="nvfp4", fuse_projections=False),
+    "mxfp4-w4a4-unfused": Fp4Config(format="mxfp4", act_mode="fp4", fuse_projections=False),
 }
 REPEATS = 3
 

@@ -19,7 +19,7 @@ from torch import fx
 
 from . import ops  # noqa: F401  (registers torch.ops.fp4)
 from .config import Fp4Config
-from .passes import DynamoGraph, LinearPass, MoePass, PassManager
+from .passes import DynamoGraph, LinearPass, MoePass, PassManager, ProjectionFusionPass
 from .report import logger, records_of, summary
 
 GraphCompiler = Callable[[fx.GraphModule, list[Any], dict[str, Any]], Callable]
@@ -58,7 +58,7 @@ class Fp4Backend:
             raise TypeError(f"fp4compile.backend takes an Fp4Config, got {type(config).__name__}")
         self.config = config or Fp4Config()
         self.compile_graph = compile_graph
-        self.passes = PassManager([MoePass(), LinearPass()])
+        self.passes = PassManager([MoePass(), LinearPass(), ProjectionFusionPass()])
 
     def __call__(
         self,

@@ -40,6 +40,11 @@ class Fp4Config:
             e4m3 form (1 byte per value), made at compile time, so the fp8 prefill GEMMs skip the
             per-call conversion. Costs 0.5x of the bf16 weight bytes on top of the fp4 form
             (about 0.77x in all); ignored, with a logged reason, where it does not apply.
+        fuse_projections: run quantized linear layers that read the same activation (q/k/v,
+            gate/up) as one GEMM over their concatenated weights (``passes/fusion.py``): one
+            launch instead of several small ones at decode, and W4A4 quantizes that activation
+            once. Each layer keeps its own quantization (NVFP4: its own global scale), so outputs
+            are those of the separate layers up to float32 summation order.
     """
 
     format: str = "nvfp4"
@@ -50,6 +55,7 @@ class Fp4Config:
     release_weights: bool = True
     implementation: str = "auto"
     fp8_weights: bool = False
+    fuse_projections: bool = True
 
     def __post_init__(self) -> None:
         for name in ("format", "act_mode", "scale_rule", "implementation"):
@@ -60,7 +66,7 @@ class Fp4Config:
         check_scale_rule(self.scale_rule)
         for name in ("include", "exclude"):
             object.__setattr__(self, name, _pattern_tuple(name, getattr(self, name)))
-        for name in ("release_weights", "fp8_weights"):
+        for name in ("release_weights", "fp8_weights", "fuse_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Fp4Config.{name} must be True or False, got {getattr(self, name)!r}")
 

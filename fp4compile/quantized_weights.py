@@ -7,6 +7,8 @@ Once quantized, the parameter's original storage is released unless the config s
 takes memory. The uncompiled module must not be called after that: its weights are gone.
 """
 
+import dataclasses
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -109,3 +111,68 @@ def e4m3_once(weight: torch.Tensor, stored: StoredWeight) -> tuple[torch.Tensor,
         made = (stored.quantized, weight_to_e4m3(stored.quantized.packed, stored.quantized.scales))
         _E4M3[weight] = made
     return made[1]
+
+
+@dataclass(frozen=True)
+class FusedWeight:
+    """The stored quantized forms of layers that read the same activation, concatenated along N:
+    the weight of the one GEMM that runs them all (``passes/fusion.py``). ``quantized.global_scale``
+    is one element when every member's is the same (always for MXFP4), else one per row (N,)."""
+
+    quantized: QuantizedTensor
+    out_features: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Fusion:
+    members: tuple[weakref.ref, ...]
+    fused: FusedWeight
+    views: tuple[QuantizedTensor, ...]
+
+    def is_current(self) -> bool:
+        """Whether every member still stores the view made by this fusion (not a later requantization)."""
+        members = [ref() for ref in self.members]
+        return all(w is not None and w in _STORE and _STORE[w].quantized is view
+                   for w, view in zip(members, self.views))
+
+
+_FUSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def fuse_once(weights: list[torch.Tensor]) -> FusedWeight | None:
+    """The concatenation of ``weights``' stored quantized forms (in this order), made once.
+
+    Each member's stored form then becomes a view into it, so the separate copies can be freed
+    and recompiles find both. None when a member already belongs to a different fusion (a
+    weight is in at most one, or its rows would be stored twice) or the members cannot be
+    concatenated (different formats, K or devices)."""
+    earlier = [_FUSED.get(w) for w in weights]
+    earlier = [f if f is not None and f.is_current() else None for f in earlier]
+    if earlier[0] is not None and all(f is earlier[0] for f in earlier) and len(earlier[0].members) == len(weights):
+        if all(ref() is w for ref, w in zip(earlier[0].members, weights)):
+            return earlier[0].fused
+    if any(f is not None for f in earlier):
+        return None
+    stored = [_STORE[w].quantized for w in weights]
+    first = stored[0]
+    if any((q.fmt, q.packed.shape[1:], q.packed.device) != (first.fmt, first.packed.shape[1:], first.packed.device)
+           or q.packed.dim() != 2 for q in stored):
+        return None
+    with torch.no_grad():
+        packed = torch.cat([q.packed for q in stored])
+        scales = torch.cat([q.scales for q in stored])
+        if all(torch.equal(q.global_scale, first.global_scale) for q in stored[1:]):
+            global_scale = first.global_scale
+        else:
+            global_scale = torch.cat([q.global_scale.reshape(1).expand(q.packed.shape[0]) for q in stored])
+    fused = FusedWeight(QuantizedTensor(packed, scales, global_scale, first.fmt),
+                        tuple(q.packed.shape[0] for q in stored))
+    views, start = [], 0
+    for w, q, rows in zip(weights, stored, fused.out_features):
+        views.append(QuantizedTensor(packed[start:start + rows], scales[start:start + rows], q.global_scale, q.fmt))
+        _STORE[w] = dataclasses.replace(_STORE[w], quantized=views[-1])
+        start += rows
+    record = _Fusion(tuple(weakref.ref(w) for w in weights), fused, tuple(views))
+    for w in weights:
+        _FUSED[w] = record
+    return fused

@@ -22,9 +22,16 @@ class LayerRecord:
     act_mode: str = ""
     implementation: str = ""
     skipped: str | None = None
+    fused_with: tuple[str, ...] = ()
+    """The other layers this one runs in one GEMM with (``Fp4Config.fuse_projections``)."""
 
 
 _RECORDS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # by identity: tensor == compares values
+
+
+def record_of(weight: torch.Tensor) -> LayerRecord | None:
+    """The record of the layer owning ``weight``, if any."""
+    return _RECORDS.get(weight)
 
 
 def record_layer(weight: torch.Tensor, record: LayerRecord) -> None:
@@ -62,7 +69,9 @@ def report(model: nn.Module) -> str:
         shape = "x".join(map(str, r.shape))
         if r.skipped is None:
             size = f"{r.bytes_before:,} -> {r.bytes_after:,}"
-            lines.append(f"{r.name:<44} {shape:>12} {r.fmt:>6} {r.act_mode:>5} {r.implementation:>{width}} {size:>22}")
+            fused = f"  one GEMM with {', '.join(r.fused_with)}" if r.fused_with else ""
+            lines.append(f"{r.name:<44} {shape:>12} {r.fmt:>6} {r.act_mode:>5} {r.implementation:>{width}} {size:>22}"
+                         f"{fused}")
         else:
             lines.append(f"{r.name:<44} {shape:>12}  kept: {r.skipped}")
     lines.append(summary(records))

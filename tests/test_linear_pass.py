@@ -120,14 +120,20 @@ def tiny(family: str) -> nn.Module:
 FAMILIES = ["llama", "qwen3", "mistral", "phi3", "gemma", "gpt2"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_models_quantize_every_eligible_linear_and_match_fake_quant(family: str):
+def compile_tiny(family: str, config: Fp4Config):
+    """A tiny model of ``family``, its eligible layer names, their eager fake-quant reference, and
+    the model compiled with the fp4 backend (graphs kept in the capture)."""
     model = tiny(family)
     eligible = [n for n, m in model.named_modules() if is_linear_layer(m) and n != "lm_head"]
-    config = Fp4Config()
     reference = fake_quant_copy(model, config, eligible)
     capture = GraphCapture()
-    compiled = torch.compile(model, backend=Fp4Backend(config, capture))
+    return model, eligible, reference, capture, torch.compile(model, backend=Fp4Backend(config, capture))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_models_quantize_every_eligible_linear_and_match_fake_quant(family: str):
+    # fuse_projections off: one fp4::linear per layer (test_fusion_pass.py fuses)
+    model, eligible, reference, capture, compiled = compile_tiny(family, Fp4Config(fuse_projections=False))
     with torch.no_grad():
         ids = torch.randint(0, 256, (2, 9))
         full, expected = model(ids).logits, reference(ids).logits

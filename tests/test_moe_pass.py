@@ -67,7 +67,8 @@ def test_default_config_keeps_routers_and_quantizes_shared_experts_as_linears():
     assert records["model.layers.0.mlp.shared_expert_gate"].skipped.startswith("kept by default")
     assert records["model.layers.0.mlp.shared_expert.gate_proj"].skipped is None
     assert records["model.layers.0.mlp.experts.gate_up_proj"].skipped is None
-    assert capture.count(FP4_MOE) == 2 and capture.count(torch.ops.fp4.linear.default) == 2 * (4 + 3)
+    # Per layer: q/k/v as one GEMM (with their biases), o; the shared expert's gate/up as one, down.
+    assert capture.count(FP4_MOE) == 2 and capture.count(torch.ops.fp4.linear.default) == 2 * (2 + 2)
 
 
 def test_excluded_experts_stay_in_their_dtype_with_the_reason():

@@ -106,6 +106,9 @@ def test_static_activation_global_scale_is_used(rng: torch.Generator):
         ({"act_mode": "fp8"}, ValueError, "unknown act_mode 'fp8'"),
         ({"fmt": "int4"}, ValueError, "unknown fp4 format 'int4'"),
         ({"act_global_scale": torch.tensor(1.0), "act_mode": "none"}, ValueError, "act_global_scale applies only"),
+        ({"w_global_scale": torch.ones(N - 1)}, ValueError, r"one element or one per weight row \(48,\)"),
+        ({"w_global_scale": torch.ones(N), "fmt": "mxfp4", "w_scales": torch.zeros(N, K // 32, dtype=torch.uint8)},
+         ValueError, "per-row weight global scales apply to NVFP4 only"),
     ],
 )
 def test_linear_bad_input_raises_clear_errors(change: dict, error: type, match: str, rng: torch.Generator):
@@ -203,3 +206,18 @@ def test_linear_backward_is_straight_through_for_the_activation(act_mode: str, r
     assert torch.allclose(bias.grad, grad.sum((0, 1)), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.fp4.linear.default, linear_args(x, w, "nvfp4", act_mode, bias),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("act_mode", ["fp4", "none"])
+def test_linear_with_one_weight_global_scale_per_row(act_mode: str, rng: torch.Generator):
+    """A weight fused from layers with their own NVFP4 global scales: each output column is
+    scaled by its row's scale, as the separate layers would have done."""
+    parts = [quantized_weight("nvfp4", rng, n=n) for n in (32, 16)]
+    x = torch.randn(5, K, generator=rng)
+    fused = (torch.cat([w.packed for w in parts]), torch.cat([w.scales for w in parts]),
+             torch.cat([w.global_scale.reshape(1).expand(w.packed.shape[0]) for w in parts]))
+    y = torch.ops.fp4.linear(x, *fused, None, None, "nvfp4", act_mode)
+    separate = torch.cat([torch.ops.fp4.linear(*linear_args(x, w, "nvfp4", act_mode)) for w in parts], dim=-1)
+    assert parts[0].global_scale != parts[1].global_scale
+    torch.testing.assert_close(y, separate, rtol=1e-6, atol=0)
+    torch.library.opcheck(torch.ops.fp4.linear.default, (x, *fused, None, None, "nvfp4", act_mode))

@@ -280,6 +280,22 @@ def test_kernels_accept_an_empty_batch_and_refuse_32_bit_offset_overflow():
     codecs.check_offsets(65_536, 28_672)  # 1.9e9 elements: fits
 
 
+@pytest.mark.parametrize("m", [1, 5, 130])  # 130: on the GPU the dequantize + cuBLAS path
+@pytest.mark.parametrize("act_mode", ["none", "fp4"])
+def test_linear_kernels_with_one_weight_global_scale_per_row(m: int, act_mode: str, rng: torch.Generator):
+    """NVFP4 projections fused into one weight keep their own global scales, one per row: each
+    output column gets its row's scale (in the split-K epilogue and in the dequantized weight)."""
+    x = torch.randn(m, 96, generator=rng).to(torch.bfloat16).to(DEVICE)
+    w = random_fp4_weight(300, 96, "nvfp4", rng)
+    row_scale = (torch.rand(300, generator=rng) * 4 + 0.25).to(DEVICE)
+    bias = torch.randn(300, generator=rng).to(torch.bfloat16).to(DEVICE)
+    y = triton_kernels.fp4_linear(x, w.packed, w.scales, row_scale, None, bias, "nvfp4", act_mode)
+    a = dequantize(quantize(x, "nvfp4"), torch.float64) if act_mode == "fp4" else x.double()
+    per_row = quantized_tensor(w.packed, w.scales, torch.tensor(1.0), "nvfp4")
+    ref = (a @ dequantize(per_row, torch.float64).T) * row_scale.double() + bias.double()
+    assert relative_error(y, ref) < 1e-2  # a scale applied to the wrong column is ~1
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_dequantize_kernel_matches_the_reference_bit_for_bit(fmt: str, rng: torch.Generator):
     from fp4compile.kernels.triton.dequantize import fp4_dequantize

@@ -33,7 +33,9 @@ def linear_reference(
     """fp4 linear: x (..., K) and an fp4 weight (N, K) -> (..., N) in x's dtype.
 
     ``act_global_scale``: NVFP4 W4A4 only, a static activation global scale (None: computed from
-    ``x`` on its device). Validation of shapes and dtypes is the caller's (the op's) job.
+    ``x`` on its device). ``weight.global_scale`` may hold one scale per weight row (N,): a weight
+    fused from projections with their own scales. Validation of shapes and dtypes is the
+    caller's (the op's) job.
     """
     fmt = get_format(weight.fmt)
     if act_mode == "fp4":
@@ -42,10 +44,10 @@ def linear_reference(
         else:
             act = quantize_nvfp4(x, act_global_scale)
         activation = dequantize_blocks(act.packed, act.scales, fmt)
-        alpha = act.global_scale * weight.global_scale.reshape(())
+        alpha = act.global_scale * weight.global_scale.reshape(-1)
     else:
         activation = x.float()
-        alpha = weight.global_scale.reshape(())
+        alpha = weight.global_scale.reshape(-1)
     w = dequantize_blocks(weight.packed, weight.scales, fmt)
     y = (activation @ w.T) * alpha
     if bias is not None:

@@ -9,7 +9,7 @@ so a forward never syncs with the host.
 import torch
 
 from ..formats import QuantizedTensor
-from ..formats.blocks import SUPPORTED_DTYPES, check_quantized, dequantize
+from ..formats.blocks import SUPPORTED_DTYPES, check_quantized, dequantize_blocks
 from ..formats.linear import check_act_mode, linear_reference
 from ..formats.spec import NVFP4, get_format
 from .chooser import bucket, check_implementation, run_chosen
@@ -34,9 +34,11 @@ def linear(
 ) -> torch.Tensor:
     """x (..., K) times an fp4 weight (N, K) [+ bias (N,)] -> (..., N) in x's dtype.
 
-    ``act_global_scale``: only for NVFP4 W4A4, a static activation global scale (None: computed
-    from x on the device in every call). ``implementation``: "auto" (see ``ops/chooser.py``) or
-    one of "torch", "triton", "cutlass". ``w_e4m3``/``w_e4m3_scale``: MXFP4 only, the weight's
+    ``w_global_scale``: one element, or for NVFP4 one per weight row (N,): a weight fused at
+    compile time from projections that share their input (q/k/v, gate/up) keeps each one's own
+    global scale. ``act_global_scale``: only for NVFP4 W4A4, a static activation global scale
+    (None: computed from x on the device in every call). ``implementation``: "auto" (see
+    ``ops/chooser.py``) or one of "torch", "triton", "cutlass". ``w_e4m3``/``w_e4m3_scale``: MXFP4 only, the weight's
     exact e4m3 form (N, K) uint8 and row scales (N,), made at compile time for the fp8 GEMMs.
     """
     check_linear_args(x, w_packed, w_scales, w_global_scale, act_global_scale, bias, fmt, act_mode, implementation,
@@ -48,13 +50,14 @@ def linear(
         "torch": lambda: linear_reference(x, QuantizedTensor(w_packed, w_scales, w_global_scale, fmt), act_global_scale,
                                           bias, act_mode),
         "triton": triton_unsupported(x.device) or (lambda: triton_kernels().fp4_linear(*args, weight_e4m3)),
-        "cutlass": (cutlass_unsupported(x.device) or cutlass_kernels().linear_unsupported(x, fmt, act_mode, n, k))
+        "cutlass": (cutlass_unsupported(x.device)
+                    or cutlass_kernels().linear_unsupported(x, fmt, act_mode, n, k, w_global_scale.numel() > 1))
                    or (lambda: cutlass_kernels().linear(x, w_packed, w_scales, w_global_scale, act_global_scale, bias,
                                                         fmt, weight_e4m3)),
     }
     rows = x.numel() // k if k else 0
     key = (f"fp4::linear {fmt} {'W4A4' if act_mode == 'fp4' else 'W4A16'} N={n} K={k} M<={bucket(rows)} {x.dtype}"
-           f"{' e4m3-weight' if weight_e4m3 else ''}")
+           f"{' e4m3-weight' if weight_e4m3 else ''}{' row-scaled' if w_global_scale.numel() > 1 else ''}")
     return run_chosen("fp4::linear", implementation, key, x.device, options)
 
 
@@ -82,7 +85,7 @@ def _backward(ctx, grad: torch.Tensor):
     w_packed, w_scales, w_global_scale = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = dequantize(QuantizedTensor(w_packed, w_scales, w_global_scale, ctx.fmt))
+        weight = dequantize_blocks(w_packed, w_scales, get_format(ctx.fmt)) * w_global_scale.reshape(-1, 1)
         grad_x = (grad.float() @ weight).to(grad.dtype)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
@@ -109,9 +112,15 @@ def check_linear_args(
     spec = get_format(fmt)
     check_act_mode(act_mode)
     check_implementation(implementation, "fp4::linear's implementation")
-    check_quantized(w_packed, w_scales, w_global_scale, spec)
     if w_packed.dim() != 2:
         raise ValueError(f"fp4::linear needs a 2-D (N, K/2) packed weight, got shape {tuple(w_packed.shape)}")
+    rows = w_packed.shape[0]
+    if w_global_scale.numel() != 1 and tuple(w_global_scale.shape) != (rows,):
+        raise ValueError(f"fp4::linear's w_global_scale must have one element or one per weight row ({rows},), "
+                         f"got shape {tuple(w_global_scale.shape)}")
+    if w_global_scale.numel() != 1 and spec is not NVFP4:
+        raise ValueError(f"per-row weight global scales apply to NVFP4 only; {fmt}'s global scale is one element")
+    check_quantized(w_packed, w_scales, w_global_scale[:1] if w_global_scale.numel() > 1 else w_global_scale, spec)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"fp4::linear takes {', '.join(map(str, SUPPORTED_DTYPES))} activations, got {x.dtype}")
     if x.dim() == 0:

@@ -9,6 +9,7 @@ from ..formats import get_format
 from ..formats.blocks import SUPPORTED_DTYPES
 from ..ops.implementations import implementation_for
 from ..report import LayerRecord, record_layer
+from .fusion import LAYER_META, FusionCandidate
 from .graph import DynamoGraph
 from .linear_match import LinearSite, match_linear, only_used_as_weight
 from .manager import PassResult
@@ -72,6 +73,7 @@ class LinearPass:
                  *e4m3_nodes),
             )
         replacement.meta.update(site.node.meta)
+        replacement.meta[LAYER_META] = FusionCandidate(weight, name)
         site.node.replace_all_uses_with(replacement)
         fx_graph.erase_node(site.node)
         if site.transpose_node is not None and not site.transpose_node.users:

@@ -42,11 +42,16 @@ def unsupported(device: torch.device, fmt: str, act_mode: str, op: str) -> str |
     return _no_family(device)
 
 
-def linear_unsupported(x: torch.Tensor, fmt: str, act_mode: str, n: int, k: int) -> str | None:
-    """Why ``linear`` cannot run this ``fp4::linear`` call here, or None."""
+def linear_unsupported(x: torch.Tensor, fmt: str, act_mode: str, n: int, k: int,
+                       row_scaled: bool = False) -> str | None:
+    """Why ``linear`` cannot run this ``fp4::linear`` call here, or None. ``row_scaled``: the
+    weight has one global scale per row (fused projections), which the CUTLASS GEMMs' scalar
+    ``alpha`` cannot apply."""
     reason = unsupported(x.device, fmt, act_mode, "linear")
     if reason is not None:
         return reason
+    if row_scaled:
+        return "per-row weight global scales (fused projections) need a per-column alpha"
     if _family(x.device) == "hopper":
         return hopper.shape_unsupported(x, {"N": n, "K": k})
     return blackwell.shape_unsupported(x, fmt, n, k)

@@ -19,7 +19,8 @@ so a large layer never needs a full-size bf16 copy of its weight."""
 
 @triton.jit
 def _dequantize_kernel(packed_ptr, scales_ptr, gs_ptr, out_ptr, R, K,
-                       GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                       GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, ROW_SCALED: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     pairs = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     mask = (rows[:, None] < R) & (pairs[None, :] < K // 2)
@@ -33,7 +34,11 @@ def _dequantize_kernel(packed_ptr, scales_ptr, gs_ptr, out_ptr, R, K,
         scale = tl.where(scale_bytes.to(tl.int32) == 255, float("nan"), scale)
     else:
         scale = e4m3_value(scale_bytes.to(tl.int32))
-    values = decode_e2m1(codes) * scale[:, :, None] * tl.load(gs_ptr)
+    if ROW_SCALED:  # one global scale per row (a weight fused from projections with their own)
+        gs = tl.load(gs_ptr + rows, mask=rows < R, other=0.0)[:, None, None]
+    else:
+        gs = tl.load(gs_ptr)
+    values = decode_e2m1(codes) * scale[:, :, None] * gs
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], tl.reshape(values, (BLOCK_R, BLOCK_K)).to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < R) & (cols[None, :] < K))
@@ -43,7 +48,8 @@ def fp4_dequantize(packed: torch.Tensor, scales: torch.Tensor, global_scale: tor
                    dtype: torch.dtype) -> torch.Tensor:
     """(..., K/2) packed -> (..., K) ``dtype`` values: the reference ``dequantize``'s float32
     ``e2m1 * block_scale * global_scale`` rounded once to ``dtype`` (the op ``fp4::dequantize``
-    still runs the reference; this serves ``dequantize_linear``)."""
+    still runs the reference; this serves ``dequantize_linear``). ``global_scale``: one element,
+    or one per row of a 2-D ``packed``."""
     spec = get_format(fmt)
     *lead, half_k = packed.shape
     k = 2 * half_k
@@ -54,16 +60,17 @@ def fp4_dequantize(packed: torch.Tensor, scales: torch.Tensor, global_scale: tor
     if r:
         block_k = max(min(256, triton.next_power_of_2(k)), spec.group_size)
         _dequantize_kernel[(triton.cdiv(r, 32), triton.cdiv(k, block_k))](
-            rows, scales.reshape(r, -1), global_scale.reshape(()), out, r, k,
-            GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, BLOCK_R=32, BLOCK_K=block_k,
+            rows, scales.reshape(r, -1), global_scale.reshape(-1), out, r, k,
+            GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, ROW_SCALED=global_scale.numel() > 1, BLOCK_R=32,
+            BLOCK_K=block_k,
         )
     return out.reshape(*lead, k)
 
 
 def dequantize_linear(a: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, alpha: torch.Tensor,
                       bias: torch.Tensor | None, fmt: str) -> torch.Tensor:
-    """``alpha * (a @ w.T) + bias`` through cuBLAS, for large M. a: (M, K) bf16; alpha: 0-dim float32
-    device tensor. The fp4 weight is dequantized CHUNK_ELEMENTS at a time with ``alpha`` folded in
+    """``alpha * (a @ w.T) + bias`` through cuBLAS, for large M. a: (M, K) bf16; alpha: float32
+    device tensor, one element or one per weight row (N,). The fp4 weight is dequantized CHUNK_ELEMENTS at a time with ``alpha`` folded in
     (``e2m1 * block_scale * alpha`` formed in float32, then rounded to bf16; exact when alpha is 1,
     as for MXFP4 W4A16), and each chunk's product (bias included) is written into its columns of
     the bf16 output."""
@@ -75,7 +82,8 @@ def dequantize_linear(a: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.T
     rows_per_chunk = max(128, CHUNK_ELEMENTS // k // 128 * 128)
     for start in range(0, n, rows_per_chunk):
         stop = min(n, start + rows_per_chunk)
-        weight = fp4_dequantize(w_packed[start:stop], w_scales[start:stop], alpha, fmt, a.dtype)
+        chunk_alpha = alpha.reshape(-1)[start:stop] if alpha.numel() > 1 else alpha
+        weight = fp4_dequantize(w_packed[start:stop], w_scales[start:stop], chunk_alpha, fmt, a.dtype)
         if bias is None:
             torch.mm(a, weight.t(), out=out[:, start:stop])
         else:

@@ -181,6 +181,19 @@ def global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE: tl.constexpr):
 
 
 @triton.jit
+def output_alpha(w_gs_ptr, x_gs_ptr, cols, N, HAS_X_SCALE: tl.constexpr, ROW_SCALED: tl.constexpr):
+    """``global_alpha`` for the output columns ``cols``: a scalar, or (``ROW_SCALED``: a weight
+    fused from projections with their own global scales) one weight scale per column, (1, len)."""
+    if ROW_SCALED:
+        alpha = tl.load(w_gs_ptr + cols, mask=cols < N, other=0.0)[None, :]
+    else:
+        alpha = tl.load(w_gs_ptr)
+    if HAS_X_SCALE:
+        alpha *= tl.load(x_gs_ptr)
+    return alpha
+
+
+@triton.jit
 def _first_unit(program, UNITS, PROGRAMS):
     """Stream-K partition: program p owns units [ceil(p * U / P), ceil((p + 1) * U / P)), so unit u
     belongs to program u * P // U; every program gets U / P units, give or take one."""
@@ -192,7 +205,7 @@ def _fp4_gemm_kernel(
     x_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
     M, N, K, HALF_K, K_GROUPS, stride_xm, TILES_N, K_TILES, UNITS,
     GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr,
-    EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ROW_SCALED: tl.constexpr, EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
 ):
     """Stream-K: this program's share of the (output tile, K tile) units, in order. Each run of
@@ -225,7 +238,7 @@ def _fp4_gemm_kernel(
         mask = (rows[:, None] < M) & (cols[None, :] < N)
         tile_offsets = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         if (k_first == 0) & (k_last == K_TILES):
-            _store_output(acc, global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE), bias_ptr, out_ptr,
+            _store_output(acc, output_alpha(w_gs_ptr, x_gs_ptr, cols, N, HAS_X_SCALE, ROW_SCALED), bias_ptr, out_ptr,
                           rows[:, None] * N + cols[None, :], cols, mask, N, HAS_BIAS)
         else:
             slot = program * 2 + (tile != first_tile)  # only a first and a last segment can be partial
@@ -242,7 +255,7 @@ def _fp4_gemm_kernel(
                     # .cg: read from L2, never from a line this SM's L1 kept from an earlier call.
                     acc += tl.load(partial_ptr + q_slot * (BLOCK_M * BLOCK_N) + tile_offsets, mask=mask, other=0.0,
                                    cache_modifier=".cg")
-                _store_output(acc, global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE), bias_ptr, out_ptr,
+                _store_output(acc, output_alpha(w_gs_ptr, x_gs_ptr, cols, N, HAS_X_SCALE, ROW_SCALED), bias_ptr, out_ptr,
                               rows[:, None] * N + cols[None, :], cols, mask, N, HAS_BIAS)
                 tl.atomic_xchg(counter_ptr + tile, 0)
         unit += k_last - k_first
@@ -378,8 +391,9 @@ def fp4_gemm(
 
     ``a`` is bf16 on the GPU (float32 in the interpreter): W4A16's activation, or W4A4's values
     from ``fp4_fake_quantize``. ``alpha`` is ``w_global_scale`` times ``a_global_scale`` (NVFP4
-    W4A4's activation scale; ignored for MXFP4), both one-element float32 device tensors,
-    multiplied inside the kernel.
+    W4A4's activation scale; ignored for MXFP4), float32 device tensors multiplied inside the
+    kernel: one element each, or for ``w_global_scale`` one per weight row (N,) (a weight fused
+    from projections with their own global scales).
     """
     m, k = a.shape
     n = w_packed.shape[0]
@@ -402,7 +416,7 @@ def fp4_gemm(
         a, w_packed, w_scales, w_global_scale, a_global_scale if has_x_scale else w_global_scale, bias_arg, out,
         partial, counters, m, n, k, k // 2, k // spec.group_size, a.stride(0), tiles_n, k_tiles, units,
         GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None, HAS_X_SCALE=has_x_scale,
-        EVEN_K=k % cfg.block_k == 0, SCALE_WORDS=words,
+        ROW_SCALED=w_global_scale.numel() > 1, EVEN_K=k % cfg.block_k == 0, SCALE_WORDS=words,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_ASM=on_gpu and has_bf16x2_multiply(a.device), DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -71,7 +71,7 @@ def fp4_linear(
     kernel = kernel_for(m, fmt, act_mode, x.device) if x.device.type == "cuda" else "fp4-gemm"
     if kernel == "fp8":
         return fp8_linear(rows, w_packed, w_scales, w_global_scale, bias, x.dtype, weight_e4m3).reshape(*lead, n)
-    w_gs = w_global_scale.reshape(()).float()
+    w_gs = w_global_scale.reshape(-1 if w_global_scale.numel() > 1 else ()).float()
     dot_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
     a_gs = None
     if act_mode == "fp4":

@@ -1,0 +1,139 @@
+"""The projection-fusion pass: quantized linear layers that read the same activation become one GEMM.
+
+At decode every linear layer is a GEMM launch of its own, and the small ones (a Llama's k and v
+projections, 1024 x 4096: 2 MB of fp4) cost about as much in launch and GPU fill as in reading
+their weights. q/k/v, and gate/up, read the same activation: one GEMM over their concatenated
+weight rows does the same arithmetic in one launch, on a shape the kernels stream near bandwidth,
+and W4A4 quantizes the shared activation once instead of once per layer.
+
+Runs after ``LinearPass``, on the ``fp4::linear`` nodes it made. Every layer keeps its own
+quantization: rows are concatenated as they are, and NVFP4 layers with different global scales
+pass one scale per row (``fp4::linear``'s ``w_global_scale`` of shape (N,)). Each layer's output
+is its columns of the fused output, made contiguous (user code may ``view`` it freely; Inductor
+fuses that copy into the consumers where it can).
+"""
+
+import operator
+from collections import Counter
+from dataclasses import dataclass, replace
+
+import torch
+from torch import fx
+
+from .. import quantized_weights
+from ..config import Fp4Config
+from ..report import record_layer, record_of
+from .graph import DynamoGraph
+from .manager import PassResult
+
+LAYER_META = "fp4compile_layer"
+"""``node.meta`` key under which ``LinearPass`` leaves a ``FusionCandidate`` on each node it makes."""
+
+# fp4::linear's positional arguments, as LinearPass writes them.
+_X, _PACKED, _SCALES, _GLOBAL_SCALE, _ACT_GLOBAL_SCALE, _BIAS, _FMT, _ACT_MODE, _IMPLEMENTATION, _E4M3, _E4M3_SCALE = \
+    range(11)
+
+
+@dataclass(frozen=True)
+class FusionCandidate:
+    """The quantized layer behind an ``fp4::linear`` node: its parameter and module name."""
+
+    weight: torch.Tensor
+    name: str
+
+
+class ProjectionFusionPass:
+    """Replaces each group of ``fp4::linear`` nodes on the same input (same format, mode,
+    implementation, and all with or all without a bias) by one ``fp4::linear`` and a split.
+
+    Left separate: layers with a static activation scale or an e4m3 weight form (each has its
+    own, so nothing is shared), and weights that already run fused with other layers."""
+
+    name = "fuse_projections"
+
+    def __call__(self, graph: DynamoGraph, config: Fp4Config) -> PassResult:
+        result = PassResult(self.name)
+        if not config.fuse_projections:
+            return result
+        groups: dict[tuple, list[fx.Node]] = {}
+        for node in graph.gm.graph.nodes:
+            key = _group_key(node)
+            if key is not None:
+                groups.setdefault(key, []).append(node)
+        for nodes in groups.values():
+            # A weight applied twice to the same input is left alone: its rows would be stored twice.
+            uses = Counter(id(node.meta[LAYER_META].weight) for node in nodes)
+            distinct = [node for node in nodes if uses[id(node.meta[LAYER_META].weight)] == 1]
+            if len(distinct) > 1:
+                self._fuse(graph, distinct, result)
+        return result
+
+    def _fuse(self, graph: DynamoGraph, nodes: list[fx.Node], result: PassResult) -> None:
+        fx_graph = graph.gm.graph
+        first = nodes[0]
+        before_first = set()
+        for node in fx_graph.nodes:
+            if node is first:
+                break
+            before_first.add(node)
+        if any(node.args[_BIAS] is not None and node.args[_BIAS] not in before_first for node in nodes):
+            result.skip("a bias is computed between the layers")
+            return
+        members = [node.meta[LAYER_META] for node in nodes]
+        fused = quantized_weights.fuse_once([m.weight for m in members])
+        if fused is None:
+            result.skip("weight already runs fused with other layers")
+            return
+        constants = {arg.target for node in nodes for arg in node.args
+                     if isinstance(arg, fx.Node) and arg.op == "get_attr"}
+        args = list(first.args)
+        name = "+".join(m.name for m in members)
+        with fx_graph.inserting_before(first):
+            q = fused.quantized
+            args[_PACKED], args[_SCALES], args[_GLOBAL_SCALE] = (
+                graph.constant_node(f"fp4_fused_{name}_{part}", tensor)
+                for part, tensor in (("packed", q.packed), ("scales", q.scales), ("global_scale", q.global_scale)))
+            if args[_BIAS] is not None:
+                args[_BIAS] = fx_graph.call_function(torch.cat, ([node.args[_BIAS] for node in nodes],))
+            combined = fx_graph.call_function(torch.ops.fp4.linear.default, tuple(args))
+            parts = fx_graph.call_function(torch.split, (combined, list(fused.out_features)), {"dim": -1})
+        for index, node in enumerate(nodes):
+            with fx_graph.inserting_before(node):
+                part = fx_graph.call_function(operator.getitem, (parts, index))
+                output = fx_graph.call_method("contiguous", (part,))
+            output.meta.update(node.meta)
+            output.meta.pop(LAYER_META)
+            node.replace_all_uses_with(output)
+            fx_graph.erase_node(node)
+        _drop_unused_constants(graph, constants)
+        for member in members:
+            record = record_of(member.weight)
+            if record is not None:
+                others = tuple(m.name for m in members if m is not member)
+                record_layer(member.weight, replace(record, fused_with=others))
+        result.matched += len(nodes)
+
+
+def _group_key(node: fx.Node) -> tuple | None:
+    """What ``node`` must share with others to run in one GEMM with them; None if it cannot."""
+    if node.op != "call_function" or node.target is not torch.ops.fp4.linear.default or LAYER_META not in node.meta:
+        return None
+    args = node.args
+    if len(args) != 11 or args[_ACT_GLOBAL_SCALE] is not None or args[_E4M3] is not None:
+        return None
+    weight = node.meta[LAYER_META].weight
+    return (args[_X], args[_FMT], args[_ACT_MODE], args[_IMPLEMENTATION], args[_BIAS] is None, weight.device)
+
+
+def _drop_unused_constants(graph: DynamoGraph, targets: set[str]) -> None:
+    """Remove the replaced layers' own weight constants (attribute names ``targets``) from the
+    graph module, so that their separate copies are freed (each layer's stored form is now a
+    view of the fused one)."""
+    fx_graph = graph.gm.graph
+    for attr_node in list(fx_graph.find_nodes(op="get_attr")):
+        if attr_node.target in targets and not attr_node.users:
+            fx_graph.erase_node(attr_node)
+    still_used = {n.target for n in fx_graph.find_nodes(op="get_attr")}
+    for target in targets - still_used:
+        delattr(graph.gm, target)
+        getattr(graph.gm, "_param_name_to_source", {}).pop(target, None)
