@@ -146,13 +146,11 @@ def fuse_once(weights: list[torch.Tensor]) -> FusedWeight | None:
     and recompiles find both. None when a member already belongs to a different fusion (a
     weight is in at most one, or its rows would be stored twice) or the members cannot be
     concatenated (different formats, K or devices)."""
-    earlier = [_FUSED.get(w) for w in weights]
-    earlier = [f if f is not None and f.is_current() else None for f in earlier]
-    if earlier[0] is not None and all(f is earlier[0] for f in earlier) and len(earlier[0].members) == len(weights):
-        if all(ref() is w for ref, w in zip(earlier[0].members, weights)):
-            return earlier[0].fused
-    if any(f is not None for f in earlier):
-        return None
+    earlier = [f for w in weights if (f := _FUSED.get(w)) is not None and f.is_current()]
+    if earlier:
+        fusion = earlier[0]
+        same = len(fusion.members) == len(weights) and all(ref() is w for ref, w in zip(fusion.members, weights))
+        return fusion.fused if same else None
     stored = [_STORE[w].quantized for w in weights]
     first = stored[0]
     if any((q.fmt, q.packed.shape[1:], q.packed.device) != (first.fmt, first.packed.shape[1:], first.packed.device)

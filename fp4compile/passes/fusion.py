@@ -15,7 +15,7 @@ fuses that copy into the consumers where it can).
 
 import operator
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 from torch import fx
@@ -24,22 +24,12 @@ from .. import quantized_weights
 from ..config import Fp4Config
 from ..report import record_layer, record_of
 from .graph import DynamoGraph
+from .linear import LAYER_META
 from .manager import PassResult
-
-LAYER_META = "fp4compile_layer"
-"""``node.meta`` key under which ``LinearPass`` leaves a ``FusionCandidate`` on each node it makes."""
 
 # fp4::linear's positional arguments, as LinearPass writes them.
 _X, _PACKED, _SCALES, _GLOBAL_SCALE, _ACT_GLOBAL_SCALE, _BIAS, _FMT, _ACT_MODE, _IMPLEMENTATION, _E4M3, _E4M3_SCALE = \
     range(11)
-
-
-@dataclass(frozen=True)
-class FusionCandidate:
-    """The quantized layer behind an ``fp4::linear`` node: its parameter and module name."""
-
-    weight: torch.Tensor
-    name: str
 
 
 class ProjectionFusionPass:
@@ -56,7 +46,8 @@ class ProjectionFusionPass:
         if not config.fuse_projections:
             return result
         groups: dict[tuple, list[fx.Node]] = {}
-        for node in graph.gm.graph.nodes:
+        position = {node: index for index, node in enumerate(graph.gm.graph.nodes)}
+        for node in position:
             key = _group_key(node)
             if key is not None:
                 groups.setdefault(key, []).append(node)
@@ -65,18 +56,15 @@ class ProjectionFusionPass:
             uses = Counter(id(node.meta[LAYER_META].weight) for node in nodes)
             distinct = [node for node in nodes if uses[id(node.meta[LAYER_META].weight)] == 1]
             if len(distinct) > 1:
-                self._fuse(graph, distinct, result)
+                self._fuse(graph, distinct, position, result)
         return result
 
-    def _fuse(self, graph: DynamoGraph, nodes: list[fx.Node], result: PassResult) -> None:
+    def _fuse(self, graph: DynamoGraph, nodes: list[fx.Node], position: dict[fx.Node, int],
+              result: PassResult) -> None:
+        """``position``: each original node's index in the graph (the fused node goes before the first)."""
         fx_graph = graph.gm.graph
         first = nodes[0]
-        before_first = set()
-        for node in fx_graph.nodes:
-            if node is first:
-                break
-            before_first.add(node)
-        if any(node.args[_BIAS] is not None and node.args[_BIAS] not in before_first for node in nodes):
+        if any(node.args[_BIAS] is not None and position[node.args[_BIAS]] > position[first] for node in nodes):
             result.skip("a bias is computed between the layers")
             return
         members = [node.meta[LAYER_META] for node in nodes]
@@ -105,7 +93,7 @@ class ProjectionFusionPass:
             output.meta.pop(LAYER_META)
             node.replace_all_uses_with(output)
             fx_graph.erase_node(node)
-        _drop_unused_constants(graph, constants)
+        graph.drop_unused_constants(constants)  # each layer's stored form is now a view of the fused one
         for member in members:
             record = record_of(member.weight)
             if record is not None:
@@ -124,16 +112,3 @@ def _group_key(node: fx.Node) -> tuple | None:
     weight = node.meta[LAYER_META].weight
     return (args[_X], args[_FMT], args[_ACT_MODE], args[_IMPLEMENTATION], args[_BIAS] is None, weight.device)
 
-
-def _drop_unused_constants(graph: DynamoGraph, targets: set[str]) -> None:
-    """Remove the replaced layers' own weight constants (attribute names ``targets``) from the
-    graph module, so that their separate copies are freed (each layer's stored form is now a
-    view of the fused one)."""
-    fx_graph = graph.gm.graph
-    for attr_node in list(fx_graph.find_nodes(op="get_attr")):
-        if attr_node.target in targets and not attr_node.users:
-            fx_graph.erase_node(attr_node)
-    still_used = {n.target for n in fx_graph.find_nodes(op="get_attr")}
-    for target in targets - still_used:
-        delattr(graph.gm, target)
-        getattr(graph.gm, "_param_name_to_source", {}).pop(target, None)

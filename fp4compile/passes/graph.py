@@ -89,6 +89,18 @@ class DynamoGraph:
             sources[attr] = ConstantSource(attr)
         return attr
 
+    def drop_unused_constants(self, names: set[str]) -> None:
+        """Remove the constants called ``names`` (see ``add_constant``) that no node reads any
+        more, with their ``get_attr`` nodes and guard sources, so that their memory can be freed."""
+        graph = self.gm.graph
+        for node in list(graph.find_nodes(op="get_attr")):
+            if node.target in names and not node.users:
+                graph.erase_node(node)
+        still_read = {node.target for node in graph.find_nodes(op="get_attr")}
+        for name in names - still_read:
+            delattr(self.gm, name)
+            getattr(self.gm, "_param_name_to_source", {}).pop(name, None)
+
     def constant_node(self, name: str, tensor: torch.Tensor | None) -> fx.Node | None:
         """A ``get_attr`` node for compile-time tensor ``tensor`` (see ``add_constant``), inserted
         where the graph's insertion point is; None for None (an absent optional op argument)."""

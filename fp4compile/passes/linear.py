@@ -1,5 +1,7 @@
 """The linear pass: a linear layer on a module weight -> ``fp4::linear`` on the weight's fp4 form."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx
 
@@ -9,11 +11,23 @@ from ..formats import get_format
 from ..formats.blocks import SUPPORTED_DTYPES
 from ..ops.implementations import implementation_for
 from ..report import LayerRecord, record_layer
-from .fusion import LAYER_META, FusionCandidate
 from .graph import DynamoGraph
 from .linear_match import LinearSite, match_linear, only_used_as_weight
 from .manager import PassResult
 from .weights import fp8_weights_for, nbytes
+
+
+LAYER_META = "fp4compile_layer"
+"""``node.meta`` key under which ``LinearPass`` leaves a ``QuantizedLayer`` on each node it makes
+(read by ``ProjectionFusionPass``)."""
+
+
+@dataclass(frozen=True)
+class QuantizedLayer:
+    """The quantized layer behind an ``fp4::linear`` node: its parameter and module name."""
+
+    weight: torch.Tensor
+    name: str
 
 
 class LinearPass:
@@ -73,7 +87,7 @@ class LinearPass:
                  *e4m3_nodes),
             )
         replacement.meta.update(site.node.meta)
-        replacement.meta[LAYER_META] = FusionCandidate(weight, name)
+        replacement.meta[LAYER_META] = QuantizedLayer(weight, name)
         site.node.replace_all_uses_with(replacement)
         fx_graph.erase_node(site.node)
         if site.transpose_node is not None and not site.transpose_node.users:
