@@ -10,6 +10,7 @@ over enough sets to exceed the L2. Then the activation quantization's bandwidth 
 against a device copy. Prints markdown tables: time, ratio to bf16 (>1 is faster), weight GB/s.
 
     python benchmarks/bench_linear.py [--m 1,16,128,4096] [--models llama3-8b,...]
+    python benchmarks/bench_linear.py --models ""    # only the activation quantization
 """
 
 import argparse
@@ -106,14 +107,16 @@ def quantize_bandwidth() -> None:
         copy = torch.empty_like(x)
         t_copy = time_ms(lambda i: copy.copy_(x), 1, True)
         copy_gbs = 2 * x.numel() * 2 / (t_copy * 1e-3) / 1e9
-        for fmt in ("mxfp4", "nvfp4"):
-            packed, scales, _ = fp4_quantize(x, fmt)
-            reference = quantize(x, fmt)
+        static_scale = torch.tensor(0.01, device="cuda")
+        for fmt, scale, label in (("mxfp4", None, "mxfp4"), ("nvfp4", None, "nvfp4 (dynamic global scale: x read twice)"),
+                                  ("nvfp4", static_scale, "nvfp4 (static global scale)")):
+            packed, scales, _ = fp4_quantize(x, fmt, scale)
+            reference = quantize(x, fmt, global_scale=scale)
             assert torch.equal(packed, reference.packed) and torch.equal(scales, reference.scales)
-            t = time_ms(lambda i: fp4_quantize(x, fmt), 1, True)
+            t = time_ms(lambda i: fp4_quantize(x, fmt, scale), 1, True)
             nbytes = x.numel() * 2 + packed.numel() + scales.numel()
             gbs = nbytes / (t * 1e-3) / 1e9
-            print(f"| {k} | {fmt} | {t * 1e3:.1f} | {gbs:.0f} | {copy_gbs:.0f} | {gbs / copy_gbs:.2f} |", flush=True)
+            print(f"| {k} | {label} | {t * 1e3:.1f} | {gbs:.0f} | {copy_gbs:.0f} | {gbs / copy_gbs:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -129,7 +132,7 @@ def main() -> None:
     print("| model | layer | N x K | M | timing | bf16 us | " + " | ".join(f"{t} us (x bf16, GB/s)" for t in titles) + " |")
     print("|---" * (6 + len(columns)) + "|")
     ratios: dict[tuple[int, str], dict] = {}
-    for model in args.models.split(","):
+    for model in filter(None, args.models.split(",")):  # --models "": only the quantize bandwidth
         for layer, (n, k) in SHAPES[model].items():
             weights, quantized = weight_sets(n, k)
             for m in map(int, args.m.split(",")):

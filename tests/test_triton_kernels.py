@@ -41,6 +41,7 @@ def activations(m: int, k: int, generator: torch.Generator, dtype=torch.bfloat16
     if m >= 5:
         x[1, 3], x[2, min(40, k - 1)] = float("nan"), float("-inf")
         x[3, :32], x[4, :16] = 0.0, -0.0
+        x[4, 16] = -0.0  # a signed zero in a block of non-zeros: code 8
     return x.to(dtype).to(DEVICE)
 
 
@@ -240,12 +241,16 @@ def _e2m1_codecs(x_ptr, codes_ptr, rounded_ptr, n, BLOCK: tl.constexpr):
 
 
 def test_device_e2m1_encoders_match_the_reference_on_every_bf16_value():
-    """Every bf16 bit pattern (all magnitudes, both zeros, subnormals, infinities, NaNs), plus the
-    float32 neighbours of each rounding threshold."""
+    """Every bf16 bit pattern (all magnitudes, both zeros, subnormals, infinities, NaNs), the
+    float32 neighbours of each rounding threshold and binade edge, and random float32 bit
+    patterns (mantissa bits below bf16's)."""
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
-    thresholds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0])
-    near = torch.cat([torch.nextafter(thresholds, torch.tensor(0.0)), thresholds, torch.nextafter(thresholds, torch.tensor(9.0))])
-    x = torch.cat([x, near, -near]).to(DEVICE)
+    thresholds = torch.tensor([0.25, 0.5, 0.75, 1.0, 1.25, 1.75, 2.0, 2.5, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0, 16.0])
+    near = torch.cat([torch.nextafter(thresholds, torch.tensor(0.0)), thresholds, torch.nextafter(thresholds, torch.tensor(99.0))])
+    rng = torch.Generator().manual_seed(0)
+    patterns = torch.randint(-(2**31), 2**31, (2**16,), generator=rng, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    in_range = torch.rand(2**16, generator=rng) * 20 - 10
+    x = torch.cat([x, near, -near, patterns, in_range]).to(DEVICE)
     codes = torch.empty(x.shape, dtype=torch.int32, device=DEVICE)
     out = torch.empty_like(x)
     _e2m1_codecs[(triton.cdiv(x.numel(), 1024),)](x, codes, out, x.numel(), BLOCK=1024)

@@ -20,37 +20,48 @@ def check_offsets(rows: int, row_length: int) -> None:
         )
 
 
+_MAGIC_EXPONENT_OFFSET = tl.constexpr(22 << 23)
+"""Added to an exponent field: C = 2**(e + 22), whose float32 ulp is 2**(e - 1)."""
+_TWICE_BIAS_PLUS_OFFSET = tl.constexpr(2 * (127 + 22))
+
+
+@triton.jit
+def _round_by_magic_add(v):
+    """(m + C, C's int32 bits) for ``m = min(|v|, 6)``, where ``C = 2**(e + 22)`` and ``e`` is m's
+    binade (``floor(log2 m)``, 0 below 1).
+
+    The float32 ulp of ``C + m`` is ``2**(e - 1)``: e2m1's step in m's binade (0.5 below 2, 1 up
+    to 4, 2 up to 6). So the one addition rounds m to its nearest e2m1 neighbour, ties to even
+    (the even multiple of the step is the e2m1 value with mantissa bit 0), subnormal 0.5
+    included, and saturation is the ``min`` before it. This replaces a split into a fixed-point
+    path below 1 and a mantissa-rounding path above, which cost twice the instructions; the
+    quantize kernels are bound by them. NaN comes out as garbage: callers select it away."""
+    m = tl.minimum(tl.abs(v), 6.0)
+    c_bits = (tl.maximum(m, 1.0).to(tl.int32, bitcast=True) & 0x7F800000) + _MAGIC_EXPONENT_OFFSET
+    return m + c_bits.to(tl.float32, bitcast=True), c_bits
+
+
 @triton.jit
 def encode_e2m1(v):
     """fp32 -> e2m1 codes (int32 0..15), round-to-nearest-even, saturating; NaN -> 0 (see formats).
 
-    Below 1 the magnitude code is round(2|v|) (0, 1 or 2): adding 2**23 to 2|v| leaves it in the
-    low bits of the float32. From 1 on, rounding the float32 bits to one mantissa bit (ties to
-    even) makes ``bits >> 22`` step through 254, 255, 256, ... for 1, 1.5, 2, ..., which are the
-    codes 2, 3, 4, ... plus 252; saturation caps the code at 7 (inf included)."""
-    m = tl.abs(v)
-    small = (m * 2.0 + 8388608.0).to(tl.int32, bitcast=True) & 3
-    bits = m.to(tl.int32, bitcast=True)
-    large = tl.minimum(((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252, 7)
-    code = tl.where(m < 1.0, small, large)
-    negative = (v.to(tl.int32, bitcast=True) >> 31) & 1
-    return tl.where(v != v, 0, code | (negative << 3))
+    With ``(m + C, C) = _round_by_magic_add(v)``, ``bits(m + C) - bits(C)`` counts e2m1 steps of
+    m's binade e; the codes below that binade are ``2 * e``, and ``bits(C) >> 22`` is
+    ``2 * (e + 127 + 22)``."""
+    total, c_bits = _round_by_magic_add(v)
+    code = total.to(tl.int32, bitcast=True) - c_bits + (c_bits >> 22) - _TWICE_BIAS_PLUS_OFFSET
+    negative = (v.to(tl.int32, bitcast=True) >> 28) & 8
+    return tl.where(v != v, 0, code | negative)
 
 
 @triton.jit
 def round_to_e2m1(v):
     """fp32 -> the nearest e2m1 value as fp32 (ties to even, saturating at 6; NaN stays NaN): the
-    value ``decode_e2m1(encode_e2m1(v))`` gives for non-NaN v, in a few float and integer
-    operations instead of a chain of compares, for kernels that need values, not codes.
-
-    Below 1, e2m1 steps are 0.5: adding and subtracting 2**22 rounds to that step (ties to even).
-    From 1 on, e2m1 keeps one mantissa bit: the fp32 bits are rounded to it (ties to even)."""
-    m = tl.abs(v)
-    small = (m + 4194304.0) - 4194304.0
-    bits = m.to(tl.int32, bitcast=True)
-    large = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) & -4194304).to(tl.float32, bitcast=True)
-    rounded = tl.minimum(tl.where(m < 1.0, small, large), 6.0).to(tl.int32, bitcast=True)
-    signed = (rounded | ((v.to(tl.int32, bitcast=True) >> 31) << 31)).to(tl.float32, bitcast=True)
+    value ``decode_e2m1(encode_e2m1(v))`` gives for non-NaN v (see ``_round_by_magic_add``), for
+    kernels that need values, not codes."""
+    total, c_bits = _round_by_magic_add(v)
+    rounded = (total - c_bits.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    signed = (rounded | (v.to(tl.int32, bitcast=True) & -2147483648)).to(tl.float32, bitcast=True)
     return tl.where(v != v, v, signed)
 
 

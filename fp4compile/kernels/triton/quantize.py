@@ -59,7 +59,11 @@ def _divide_by_block(blocks, divisor, FMA_DIVISION: tl.constexpr):
     x = blocks * shift[:, :, None]
     reciprocal = tl.math.div_rn(tl.full(divisor.shape, 1.0, tl.float32), divisor * shift)[:, :, None]
     q = x * reciprocal
-    q = tl.fma(tl.fma(-q, d, x), reciprocal, q)
+    # Written as -((-residual) * r - q) so that a zero quotient keeps x's sign: -0 / d is -0,
+    # while residual * r + q adds a +0 residual to -0, which is +0. Negations multiply by -1:
+    # Triton's unary minus is 0 - v, which turns -0 into +0.
+    residual = tl.fma(q * -1.0, d, x)
+    q = tl.fma(residual * -1.0, reciprocal, q * -1.0) * -1.0
     return tl.where(d == 0, 0.0, q)
 
 
@@ -68,11 +72,14 @@ def _quantize_blocks(blocks, gs, IS_MXFP4: tl.constexpr, FMA_DIVISION: tl.conste
     """float32 blocks (R, G, GROUP) -> (scale bytes (R, G) int32, block scale values (R, G), the
     blocks divided by their scale times ``gs``, ready for e2m1 rounding). ``gs``: NVFP4's global
     scale (ignored for MXFP4)."""
-    amax = tl.max(tl.abs(blocks), axis=2)
-    # A NaN or infinity poisons its block (|x| - |x| is NaN exactly for those).
-    poisoned = tl.max((tl.abs(blocks) - tl.abs(blocks) != 0).to(tl.int32), axis=2) > 0
+    # The largest magnitude's bits, as an integer maximum: float32 magnitudes order as their bits,
+    # with infinity and NaN above every finite value, so one maximum also finds a NaN or infinity
+    # (which poisons its block) at one integer operation per element.
+    amax_bits = tl.max(blocks.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)
+    poisoned = amax_bits >= 0x7F800000
+    amax = amax_bits.to(tl.float32, bitcast=True)
     if IS_MXFP4:
-        scale = mxfp4_spec_exponent(amax.to(tl.int32, bitcast=True)) + 127
+        scale = mxfp4_spec_exponent(amax_bits) + 127
         scale = tl.where(poisoned, 0xFF, scale)
         block_value = e8m0_value(scale)
         # x / 2**e is x * 2**-e exactly (e <= 125 for finite x, so 2**-e is a normal float32); a
@@ -141,7 +148,7 @@ def _quantize_kernel(
                                         FMA_DIVISION)
     codes = tl.reshape(encode_e2m1(scaled), (BLOCK_M, BLOCK_K // 2, 2))
     low, high = tl.split(codes)
-    packed = (low | (high << 4)).to(tl.uint8)
+    packed = (low + high * 16).to(tl.uint8)  # one multiply-add per pair (the nibbles do not overlap)
     half_cols = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     tl.store(packed_ptr + rows[:, None] * (K // 2) + half_cols[None, :], packed,
              mask=(rows[:, None] < M) & (half_cols[None, :] < K // 2))
@@ -184,14 +191,16 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
     amax = None
     if dynamic:
         amax = finite_amax.reshape(1) if finite_amax is not None else finite_amax_partials(rows)
-    groups_per_program = min(128 // spec.group_size, triton.next_power_of_2(k // spec.group_size))
-    block_m = 16 if m <= 256 else 64  # small tiles fill the GPU at decode sizes; large ones amortize
-    grid = (triton.cdiv(m, block_m), triton.cdiv(k // spec.group_size, groups_per_program))
+    # Tiles of 16 rows: the fastest of a sweep at M=4096 (block_m 16-128, 128-512 columns, 4 or 8
+    # warps; benchmarks/RESULTS.md). 256 columns there; 128 at decode sizes, for more programs.
+    columns = 256 if m > 256 else 128
+    groups_per_program = min(columns // spec.group_size, triton.next_power_of_2(k // spec.group_size))
+    grid = (triton.cdiv(m, 16), triton.cdiv(k // spec.group_size, groups_per_program))
     num_amax = amax.numel() if dynamic else 1
     _quantize_kernel[grid](
         rows, packed, scales, values, gs if gs is not None else values, amax if dynamic else values, m, k,
         rows.stride(0), num_amax, GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, GS_FROM_AMAX=dynamic,
-        AMAX_BLOCK=AMAX_PROGRAMS if num_amax > 1 else 1, WRITE_VALUES=write_values, BLOCK_M=block_m,
+        AMAX_BLOCK=AMAX_PROGRAMS if num_amax > 1 else 1, WRITE_VALUES=write_values, BLOCK_M=16,
         GROUPS_PER_PROGRAM=groups_per_program, FMA_DIVISION=x.device.type == "cuda",
     )
     return packed, scales, values, gs
