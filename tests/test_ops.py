@@ -117,6 +117,9 @@ def test_static_activation_global_scale_is_used(rng: torch.Generator):
         ({"act_mode": "fp8"}, ValueError, "unknown act_mode 'fp8'"),
         ({"fmt": "int4"}, ValueError, "unknown fp4 format 'int4'"),
         ({"act_global_scale": torch.tensor(1.0), "act_mode": "none"}, ValueError, "act_global_scale applies only"),
+        ({"act_global_scale": torch.tensor(1.0, dtype=torch.float16)}, ValueError,
+         "act_global_scale must be a one-element float32 tensor, got torch.float16"),
+        ({"act_global_scale": torch.ones(2)}, ValueError, r"act_global_scale must be a one-element .* shape \(2,\)"),
         ({"w_global_scale": torch.ones(N - 1)}, ValueError, r"one element or one per weight row \(48,\)"),
         ({"w_global_scale": torch.ones(N), "fmt": "mxfp4", "w_scales": torch.zeros(N, K // 32, dtype=torch.uint8)},
          ValueError, "per-row weight global scales apply to NVFP4 only"),
@@ -144,6 +147,12 @@ def test_linear_bad_input_raises_clear_errors(change: dict, error: type, match: 
 def test_quantize_op_bad_input(x, fmt, error, match):
     with pytest.raises(error, match=match):
         torch.ops.fp4.quantize(x, fmt)
+
+
+@pytest.mark.parametrize("scale", [torch.tensor(0.01, dtype=torch.float64), torch.full((2,), 0.01)])
+def test_quantize_op_rejects_a_global_scale_the_kernels_would_misread(scale: torch.Tensor):
+    with pytest.raises(ValueError, match="global_scale must be a one-element float32 tensor"):
+        torch.ops.fp4.quantize(torch.zeros(2, 64), "nvfp4", scale)
 
 
 def test_dequantize_op_rejects_mismatched_scales():

@@ -80,7 +80,7 @@ def quantize_nvfp4(
     if global_scale is None:
         global_scale = nvfp4_global_scale(x)
     else:
-        global_scale = _check_global_scale(global_scale, x)
+        global_scale = check_global_scale(global_scale, x.device)
     scales = encode_e4m3(blocks.abs().amax(dim=-1) / (E2M1_MAX * global_scale))
     if scale_rule == "optimal":
         scales = _refined_scales(blocks, scales, global_scale)
@@ -89,14 +89,18 @@ def quantize_nvfp4(
     return QuantizedTensor(pack_blocks(codes), scales, global_scale, NVFP4.name)
 
 
-def _check_global_scale(global_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def check_global_scale(global_scale: torch.Tensor, device: torch.device, name: str = "global_scale") -> torch.Tensor:
+    """Raise unless ``global_scale`` is a one-element float32 tensor on ``device``; return it 0-dim.
+
+    The kernels read it from device memory as float32 (no host sync), so any other dtype or size
+    would be read wrongly rather than fail: checked wherever a caller passes one."""
     if not isinstance(global_scale, torch.Tensor):
-        raise TypeError(f"global_scale must be a float32 tensor, got {type(global_scale).__name__}")
+        raise TypeError(f"{name} must be a float32 tensor, got {type(global_scale).__name__}")
     if global_scale.dtype != torch.float32 or global_scale.numel() != 1:
         raise ValueError(
-            f"global_scale must be a one-element float32 tensor, got {global_scale.dtype} "
+            f"{name} must be a one-element float32 tensor, got {global_scale.dtype} "
             f"of shape {tuple(global_scale.shape)}"
         )
-    if global_scale.device != x.device:
-        raise ValueError(f"global_scale is on {global_scale.device} but the data is on {x.device}")
+    if global_scale.device != device:
+        raise ValueError(f"{name} is on {global_scale.device} but the data is on {device}")
     return global_scale.reshape(())

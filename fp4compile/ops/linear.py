@@ -11,6 +11,7 @@ import torch
 from ..formats import QuantizedTensor
 from ..formats.blocks import SUPPORTED_DTYPES, check_quantized, dequantize_blocks
 from ..formats.linear import check_act_mode, linear_reference
+from ..formats.nvfp4 import check_global_scale
 from ..formats.spec import NVFP4, get_format
 from .chooser import bucket, check_implementation, run_chosen
 from .implementations import (
@@ -132,6 +133,8 @@ def check_linear_args(
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     if act_global_scale is not None and not (spec is NVFP4 and act_mode == "fp4"):
         raise ValueError(f"act_global_scale applies only to NVFP4 with act_mode='fp4', not {fmt} with {act_mode!r}")
+    if act_global_scale is not None:
+        check_global_scale(act_global_scale, x.device, "act_global_scale")
     check_e4m3_weight("w_e4m3", w_e4m3, w_e4m3_scale, (n, k), spec)
     tensors = {"x": x, "w_packed": w_packed, "w_scales": w_scales, "w_global_scale": w_global_scale,
                "act_global_scale": act_global_scale, "bias": bias, "w_e4m3": w_e4m3, "w_e4m3_scale": w_e4m3_scale}

@@ -9,6 +9,7 @@ import torch
 
 from ..formats import QuantizedTensor, dequantize as dequantize_reference, quantize as quantize_reference
 from ..formats.blocks import check_input, check_quantized
+from ..formats.nvfp4 import check_global_scale
 from ..formats.spec import MXFP4, get_format
 from .implementations import TRITON_AVAILABLE
 
@@ -52,6 +53,8 @@ def _check_quantize_args(x: torch.Tensor, fmt: str, global_scale: torch.Tensor |
     check_input(x, spec)
     if global_scale is not None and spec is MXFP4:
         raise ValueError("MXFP4 has no global scale (it is always 1.0); pass global_scale=None")
+    if global_scale is not None:
+        check_global_scale(global_scale, x.device)
 
 
 @torch.library.custom_op("fp4::dequantize", mutates_args=())
