@@ -126,6 +126,15 @@ def test_quantize_kernel_is_bit_exact_at_small_odd_sizes(fmt: str, m: int, k: in
     check_quantize(activations(m, k, rng), fmt)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("offset", [1, 2])  # elements: 1 misaligns the rows' 32-bit words, 2 does not
+def test_quantize_kernel_on_bf16_row_views(fmt: str, offset: int, rng: torch.Generator):
+    """bf16 rows are read as 32-bit words where they are 4-byte aligned (here with a row stride
+    longer than K), and element by element where they are not: the same bits either way."""
+    wide = activations(5, 96 + 2, rng)
+    check_quantize(wide[:, offset:offset + 96], fmt)
+
+
 def test_quantize_kernel_static_global_scale_and_input_dtypes(rng: torch.Generator):
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x = activations(7, 96, rng, dtype)
