@@ -23,6 +23,7 @@ def check_offsets(rows: int, row_length: int) -> None:
 _MAGIC_EXPONENT_OFFSET = tl.constexpr(22 << 23)
 """Added to an exponent field: C = 2**(e + 22), whose float32 ulp is 2**(e - 1)."""
 _TWICE_BIAS_PLUS_OFFSET = tl.constexpr(2 * (127 + 22))
+"""``bits(C) >> 22`` for e = 0 (C = 2**22); for m's binade it is 2e more: the codes below that binade."""
 
 
 @triton.jit
@@ -33,9 +34,9 @@ def _round_by_magic_add(v):
     The float32 ulp of ``C + m`` is ``2**(e - 1)``: e2m1's step in m's binade (0.5 below 2, 1 up
     to 4, 2 up to 6). So the one addition rounds m to its nearest e2m1 neighbour, ties to even
     (the even multiple of the step is the e2m1 value with mantissa bit 0), subnormal 0.5
-    included, and saturation is the ``min`` before it. This replaces a split into a fixed-point
-    path below 1 and a mantissa-rounding path above, which cost twice the instructions; the
-    quantize kernels are bound by them. NaN comes out as garbage: callers select it away."""
+    included, and saturation is the ``min`` before it. This replaces a fixed-point path below 1
+    and a mantissa-rounding path above, selected per element: the quantize kernels are bound by
+    their instructions. NaN comes out as garbage: callers select it away."""
     m = tl.minimum(tl.abs(v), 6.0)
     c_bits = (tl.maximum(m, 1.0).to(tl.int32, bitcast=True) & 0x7F800000) + _MAGIC_EXPONENT_OFFSET
     return m + c_bits.to(tl.float32, bitcast=True), c_bits

@@ -77,7 +77,6 @@ def _quantize_blocks(blocks, gs, IS_MXFP4: tl.constexpr, FMA_DIVISION: tl.conste
     # (which poisons its block) at one integer operation per element.
     amax_bits = tl.max(blocks.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=2)
     poisoned = amax_bits >= 0x7F800000
-    amax = amax_bits.to(tl.float32, bitcast=True)
     if IS_MXFP4:
         scale = mxfp4_spec_exponent(amax_bits) + 127
         scale = tl.where(poisoned, 0xFF, scale)
@@ -87,7 +86,7 @@ def _quantize_blocks(blocks, gs, IS_MXFP4: tl.constexpr, FMA_DIVISION: tl.conste
         inverse = tl.where(poisoned, 0.0, e8m0_value(254 - scale))
         scaled = blocks * inverse[:, :, None]
     else:
-        scale = encode_e4m3(tl.math.div_rn(amax, 6.0 * gs))
+        scale = encode_e4m3(tl.math.div_rn(amax_bits.to(tl.float32, bitcast=True), 6.0 * gs))
         scale = tl.where(poisoned, 0x7F, scale)
         block_value = e4m3_value(scale)
         scaled = _divide_by_block(blocks, block_value * gs, FMA_DIVISION)
