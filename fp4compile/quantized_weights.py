@@ -30,7 +30,12 @@ class StoredWeight:
     @property
     def quantized_bytes(self) -> int:
         q = self.quantized
-        return sum(t.numel() * t.element_size() for t in (q.packed, q.scales, q.global_scale))
+        return nbytes(q.packed, q.scales, q.global_scale)
+
+
+def nbytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by ``tensors`` (absent ones count 0), as the layer report counts them."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 _STORE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # by identity: tensor == compares values

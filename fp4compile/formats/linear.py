@@ -17,6 +17,11 @@ ACT_MODES = ("fp4", "none")
 ``none``: W4A16, the activation stays in its own dtype."""
 
 
+def mode_label(act_mode: str) -> str:
+    """``act_mode`` as the implementation choice's keys and the error messages name it: W4A4 or W4A16."""
+    return "W4A4" if act_mode == "fp4" else "W4A16"
+
+
 def check_act_mode(act_mode: str) -> None:
     """Raise unless ``act_mode`` is one of ``ACT_MODES``."""
     if act_mode not in ACT_MODES:

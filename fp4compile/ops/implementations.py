@@ -11,6 +11,7 @@ from types import ModuleType
 
 import torch
 
+from ..formats.linear import mode_label
 from ..formats.spec import MXFP4, Fp4Format, get_format
 from .chooser import AUTO
 
@@ -42,7 +43,7 @@ def fp8_weights_unsupported(device: torch.device, fmt: str, act_mode: str) -> st
     """Why ``Fp4Config.fp8_weights`` does not apply to a layer (or None): the e4m3 weight form is
     exact for MXFP4 only and used by the W4A4 fp8 GEMMs, on GPUs with fp8 tensor cores."""
     if get_format(fmt) is not MXFP4 or act_mode != "fp4":
-        return f"e4m3 weights serve MXFP4 W4A4 only, this layer is {fmt} {'W4A4' if act_mode == 'fp4' else 'W4A16'}"
+        return f"e4m3 weights serve MXFP4 W4A4 only, this layer is {fmt} {mode_label(act_mode)}"
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
         return "e4m3 weights need a GPU with fp8 tensor cores (compute capability 8.9 and up)"
     if not TRITON_AVAILABLE:

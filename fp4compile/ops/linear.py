@@ -10,7 +10,7 @@ import torch
 
 from ..formats import QuantizedTensor
 from ..formats.blocks import SUPPORTED_DTYPES, check_quantized, dequantize_blocks
-from ..formats.linear import check_act_mode, linear_reference
+from ..formats.linear import check_act_mode, linear_reference, mode_label
 from ..formats.nvfp4 import check_global_scale
 from ..formats.spec import NVFP4, get_format
 from .chooser import bucket, check_implementation, run_chosen
@@ -57,7 +57,7 @@ def linear(
                                                         fmt, weight_e4m3)),
     }
     rows = x.numel() // k if k else 0
-    key = (f"fp4::linear {fmt} {'W4A4' if act_mode == 'fp4' else 'W4A16'} N={n} K={k} M<={bucket(rows)} {x.dtype}"
+    key = (f"fp4::linear {fmt} {mode_label(act_mode)} N={n} K={k} M<={bucket(rows)} {x.dtype}"
            f"{' e4m3-weight' if weight_e4m3 else ''}{' row-scaled' if w_global_scale.numel() > 1 else ''}")
     return run_chosen("fp4::linear", implementation, key, x.device, options)
 

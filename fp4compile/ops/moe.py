@@ -12,7 +12,7 @@ import torch
 
 from ..formats import QuantizedTensor
 from ..formats.blocks import SUPPORTED_DTYPES, check_quantized
-from ..formats.linear import check_act_mode
+from ..formats.linear import check_act_mode, mode_label
 from ..formats.moe import check_activation, moe_reference
 from ..formats.spec import get_format
 from .chooser import bucket, check_implementation, run_chosen
@@ -75,7 +75,7 @@ def moe(
                        (down_packed, down_scales, down_global_scale), gate_up_bias, down_bias, activation, alpha,
                        limit, gate_up_fp8, down_fp8)),
     }
-    key = (f"fp4::moe {fmt} {'W4A4' if act_mode == 'fp4' else 'W4A16'} E={experts} H={size} I={two_inter // 2} "
+    key = (f"fp4::moe {fmt} {mode_label(act_mode)} E={experts} H={size} I={two_inter // 2} "
            f"k={topk_ids.shape[1]} T<={bucket(tokens)} {hidden.dtype}{' e4m3-weights' if gate_up_fp8 else ''}")
     return run_chosen("fp4::moe", implementation, key, hidden.device, options)
 

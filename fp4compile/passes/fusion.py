@@ -77,10 +77,7 @@ class ProjectionFusionPass:
         args = list(first.args)
         name = "+".join(m.name for m in members)
         with fx_graph.inserting_before(first):
-            q = fused.quantized
-            args[_PACKED], args[_SCALES], args[_GLOBAL_SCALE] = (
-                graph.constant_node(f"fp4_fused_{name}_{part}", tensor)
-                for part, tensor in (("packed", q.packed), ("scales", q.scales), ("global_scale", q.global_scale)))
+            args[_PACKED], args[_SCALES], args[_GLOBAL_SCALE] = graph.quantized_nodes(f"fp4_fused_{name}", fused.quantized)
             if args[_BIAS] is not None:
                 args[_BIAS] = fx_graph.call_function(torch.cat, ([node.args[_BIAS] for node in nodes],))
             combined = fx_graph.call_function(torch.ops.fp4.linear.default, tuple(args))
@@ -107,7 +104,7 @@ def _group_key(node: fx.Node) -> tuple | None:
     if node.op != "call_function" or node.target is not torch.ops.fp4.linear.default or LAYER_META not in node.meta:
         return None
     args = node.args
-    if len(args) != 11 or args[_ACT_GLOBAL_SCALE] is not None or args[_E4M3] is not None:
+    if args[_ACT_GLOBAL_SCALE] is not None or args[_E4M3] is not None:
         return None
     weight = node.meta[LAYER_META].weight
     return (args[_X], args[_FMT], args[_ACT_MODE], args[_IMPLEMENTATION], args[_BIAS] is None, weight.device)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from ..formats import QuantizedTensor
+
 _ROOT = re.compile(r"^[LG]\['([^']+)'\]")
 _PATH_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]")
 _ANONYMOUS_ROOTS = ("self", "fn")  # the module being compiled, as Dynamo names it
@@ -107,3 +109,9 @@ class DynamoGraph:
         if tensor is None:
             return None
         return self.gm.graph.get_attr(self.add_constant(name, tensor))
+
+    def quantized_nodes(self, prefix: str, q: QuantizedTensor) -> list[fx.Node]:
+        """``constant_node``s for a quantized weight's packed codes, scales and global scale, in the
+        order the fp4 ops take them."""
+        return [self.constant_node(f"{prefix}_{part}", tensor)
+                for part, tensor in (("packed", q.packed), ("scales", q.scales), ("global_scale", q.global_scale))]

@@ -10,11 +10,12 @@ from ..config import Fp4Config
 from ..formats import get_format
 from ..formats.blocks import SUPPORTED_DTYPES
 from ..ops.implementations import implementation_for
+from ..quantized_weights import nbytes
 from ..report import LayerRecord, record_layer
 from .graph import DynamoGraph
 from .linear_match import LinearSite, match_linear, only_used_as_weight
 from .manager import PassResult
-from .weights import fp8_weights_for, nbytes
+from .weights import fp8_weights_for
 
 
 LAYER_META = "fp4compile_layer"
@@ -77,8 +78,7 @@ class LinearPass:
         e4m3 = fp8_weights_for(weight, stored, name, config)
         fx_graph = graph.gm.graph
         with fx_graph.inserting_before(site.node):
-            weights = [graph.constant_node(f"fp4_{name}_{part}", tensor) for part, tensor in
-                       (("packed", q.packed), ("scales", q.scales), ("global_scale", q.global_scale))]
+            weights = graph.quantized_nodes(f"fp4_{name}", q)
             e4m3_nodes = [graph.constant_node(f"fp4_{name}_{part}", tensor)
                           for part, tensor in zip(("e4m3", "e4m3_scale"), e4m3)]
             replacement = fx_graph.call_function(

@@ -19,10 +19,11 @@ from ..config import Fp4Config
 from ..formats import get_format
 from ..formats.blocks import SUPPORTED_DTYPES
 from ..ops.implementations import implementation_for
+from ..quantized_weights import nbytes
 from ..report import LayerRecord, record_layer
 from .graph import DynamoGraph
 from .manager import PassResult
-from .weights import fp8_weights_for, nbytes
+from .weights import fp8_weights_for
 from .moe_match import MoeSite, match_moe, match_projection
 
 logger = logging.getLogger("fp4compile")
@@ -91,12 +92,8 @@ class MoePass:
                  for projection, weight in ((GATE_UP, gate_up), (DOWN, down))}
         fx_graph = graph.gm.graph
         with fx_graph.inserting_before(site.output):
-            weights = [
-                graph.constant_node(f"fp4_{experts}_{projection}_{part}", tensor)
-                for projection, s in stored.items()
-                for part, tensor in (("packed", s.quantized.packed), ("scales", s.quantized.scales),
-                                     ("global_scale", s.quantized.global_scale))
-            ]
+            weights = [node for projection, s in stored.items()
+                       for node in graph.quantized_nodes(f"fp4_{experts}_{projection}", s.quantized)]
             e4m3_nodes = [graph.constant_node(f"fp4_{experts}_{projection}_{part}", tensor)
                           for projection, pair in e4m3.items() for part, tensor in zip(("e4m3", "e4m3_scale"), pair)]
             biases = [self._bias(graph, experts, site.gate_up_bias, site.interleaved), site.down_bias]
@@ -128,7 +125,7 @@ class MoePass:
             return bias
         value = graph.values[bias].detach()
         reordered = torch.cat((value[..., 0::2], value[..., 1::2]), dim=-1)
-        return graph.gm.graph.get_attr(graph.add_constant(f"fp4_{experts}_gate_up_bias", reordered))
+        return graph.constant_node(f"fp4_{experts}_gate_up_bias", reordered)
 
 
 def _ineligible(site: MoeSite, block: set[fx.Node], gate_up: torch.Tensor, down: torch.Tensor, experts: str,

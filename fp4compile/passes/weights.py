@@ -1,5 +1,5 @@
 """What the passes know about a quantized weight beyond its fp4 form: its optional e4m3 form
-(``Fp4Config.fp8_weights``) and the bytes the layer report counts."""
+(``Fp4Config.fp8_weights``)."""
 
 import torch
 
@@ -7,11 +7,6 @@ from .. import quantized_weights
 from ..config import Fp4Config
 from ..ops.implementations import fp8_weights_unsupported
 from ..report import logger
-
-
-def nbytes(*tensors: torch.Tensor | None) -> int:
-    """Bytes held by ``tensors`` (absent ones count 0), as the layer report counts them."""
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def fp8_weights_for(weight: torch.Tensor, stored: quantized_weights.StoredWeight, name: str,

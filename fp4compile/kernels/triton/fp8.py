@@ -86,9 +86,7 @@ def _rows_to_fp8_kernel(src_ptr, q_ptr, row_scale_ptr, K, stride_src,
             return
         slot = tl.load(slot_of_row_ptr + row)
         expert = tl.load(ids_ptr + slot).to(tl.int64)
-        if SWIGLU:
-            source_row = row
-        else:
+        if not SWIGLU:
             source_row = slot // TOP_K
             tl.store(row_of_slot_ptr + slot, row)
     GROUPS: tl.constexpr = BLOCK_K // 32

@@ -186,7 +186,7 @@ def combine_slots(
     block = min(1024, triton.next_power_of_2(size))
     weighted = row_of_slot is not None
     _combine_kernel[(tokens, triton.cdiv(size, block))](
-        src, topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous(), out,
+        src, topk_ids.contiguous(), out,
         row_of_slot if weighted else src, topk_weights.contiguous() if weighted else src,
         bias.contiguous() if bias is not None else src, size, experts,
         TOP_K=top_k, WEIGHTED_ROWS=weighted, HAS_BIAS=bias is not None, BLOCK_N=block,
