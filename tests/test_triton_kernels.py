@@ -181,21 +181,41 @@ def test_w4a4_linear_with_a_static_activation_scale(m: int, scale_shape: tuple, 
     assert torch.equal(scale, torch.full(scale_shape, 0.05, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # bf16: integer maxima of 32-bit words
 @pytest.mark.parametrize(("m", "k", "block_m", "block_k", "programs"), [(1, 64, 16, 32, 256), (5, 160, 1, 32, 4),
                                                                        (40, 96, 16, 32, 3)])
 def test_finite_amax_partials_hold_the_finite_amax(m: int, k: int, block_m: int, block_k: int, programs: int,
-                                                     rng: torch.Generator):
+                                                     dtype: torch.dtype, rng: torch.Generator):
     """One partial per tile, or per program when tiles outnumber them (each program then takes
-    every P-th tile); their maximum is the finite amax wherever it lies, NaN and inf left out."""
+    every P-th tile); their maximum is the finite amax wherever it lies, NaN and inf left out
+    (rows of 5 and more hold them)."""
     from fp4compile.kernels.triton.quantize import finite_amax_partials
 
-    x = activations(m, k, rng) if m >= 5 else torch.randn(m, k, generator=rng).to(DEVICE)
+    x = activations(m, k, rng, dtype)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(k, block_k)
     for row, col in ((0, 0), (m - 1, k - 1), (m // 2, k // 2)):
         x[row, col] = -2 * x.float().abs().nan_to_num(0.0, 0.0, 0.0).max()  # the finite amax moves here
         partials = finite_amax_partials(x, block_m, block_k, programs)
         assert partials.numel() == min(tiles, programs)
         assert partials.max() == -x[row, col].float()
+
+
+@pytest.mark.parametrize("in_program", [True, False])
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_dynamic_nvfp4_scale_from_either_amax_source(in_program: bool, m: int, monkeypatch, rng: torch.Generator):
+    """Small bf16 activations get their dynamic global scale inside the quantize kernel (every
+    program reads all of x; no amax launch), larger ones from the amax kernel's partials: the same
+    bits either way, NaN and inf left out of the amax."""
+    from fp4compile.kernels.triton import quantize as quantize_module
+
+    amax_launches = []
+    partials = quantize_module.finite_amax_partials
+    monkeypatch.setattr(quantize_module, "finite_amax_partials", lambda x: amax_launches.append(x) or partials(x))
+    monkeypatch.setattr(quantize_module, "IN_PROGRAM_AMAX_ELEMENTS", 2**20 if in_program else 0)
+    x = activations(m, 160, rng)
+    x[m - 1, 159] = -2 * x.float().abs().nan_to_num(0.0, 0.0, 0.0).max()  # the amax in x's last element
+    check_quantize(x, "nvfp4")
+    assert len(amax_launches) == (0 if in_program else 2)  # check_quantize quantizes twice
 
 
 @pytest.mark.cuda

@@ -3,8 +3,9 @@
 Bit-for-bit the ``spec`` rule of ``formats`` (MXFP4 and NVFP4), in one pass over x for MXFP4 and
 static-scale NVFP4. A dynamic NVFP4 global scale, ``amax * (1 / (6 * 448))`` over the finite
 values, takes a second pass: an amax kernel writing partial maxima, whose maximum the quantize
-kernel takes on the device (and writes the scale it makes, for the GEMM's alpha). No host sync,
-CUDA-graph safe.
+kernel takes on the device (and writes the scale it makes, for the GEMM's alpha); for a small
+bf16 x (decode sizes) each quantize program takes x's amax itself instead, saving the launch. No
+host sync, CUDA-graph safe.
 """
 
 import torch
@@ -19,18 +20,66 @@ from .codecs import (
 
 @triton.jit
 def _finite_amax_kernel(x_ptr, partials_ptr, M, K, stride_xm, TILES_K, TILES, BLOCK_M: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, BF16_WORDS: tl.constexpr):
     """partials_ptr[program] <- max |x| over the finite values of this program's tiles of x (M, K):
     tiles program, program + P, ... of the (BLOCK_M x BLOCK_K) tiles, row-major. Order-free and
-    exact; no zeroed accumulator (no extra launch): readers take the maximum of the partials."""
-    amax = 0.0
-    for tile in range(tl.program_id(0), TILES, tl.num_programs(0)):
-        rows = (tile // TILES_K) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = (tile % TILES_K) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = (rows[:, None] < M) & (cols[None, :] < K)
-        amax = tl.maximum(amax, finite_amax(tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask,
-                                                    other=0.0)))
+    exact; no zeroed accumulator (no extra launch): readers take the maximum of the partials.
+    ``BF16_WORDS``: aligned bf16 rows, read as 32-bit words (``bf16_finite_amax``)."""
+    if BF16_WORDS:
+        amax = bf16_finite_amax(x_ptr, tl.program_id(0), TILES, tl.num_programs(0), TILES_K, M, K, stride_xm,
+                                BLOCK_M, BLOCK_K)
+    else:
+        amax = 0.0
+        for tile in range(tl.program_id(0), TILES, tl.num_programs(0)):
+            rows = (tile // TILES_K) * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = (tile % TILES_K) * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask = (rows[:, None] < M) & (cols[None, :] < K)
+            amax = tl.maximum(amax, finite_amax(tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask,
+                                                        other=0.0)))
     tl.store(partials_ptr + tl.program_id(0), amax)
+
+
+@triton.jit
+def _bf16_words(x_ptr, rows, word0, M, K, stride_xm, BLOCK_K: tl.constexpr):
+    """int32 words of bf16 pairs x[rows, 2 * word0 : 2 * word0 + BLOCK_K] (low half: the even
+    element); 0 outside x. Needs 4-byte aligned rows (even stride and K, aligned pointer)."""
+    words = word0 + tl.arange(0, BLOCK_K // 2)
+    return tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_xm // 2) + words[None, :],
+                   mask=(rows[:, None] < M) & (words[None, :] < K // 2), other=0)
+
+
+_BF16_INFINITY_BITS = tl.constexpr(0x7F80)
+
+
+@triton.jit
+def bf16_finite_amax(x_ptr, first_tile, TILES, step, TILES_K, M, K, stride_xm, BLOCK_M: tl.constexpr,
+                     BLOCK_K: tl.constexpr):
+    """max |x| over the finite values of bf16 x (M, K)'s (BLOCK_M x BLOCK_K) tiles first_tile,
+    first_tile + step, ... < TILES (row-major), as float32; 0 when none is finite.
+
+    Magnitudes compare as integers, each word's two halves masked in place (one operation per
+    element, where a float maximum also spends a conversion and a finiteness test on each): bf16
+    magnitudes order as their bits, NaN and infinity (0x7F80 and up) above every finite value. So
+    only a maximum that reaches 0x7F80 needs the tiles again, leaving those out."""
+    low = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.int32)
+    high = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.int32)
+    for tile in range(first_tile, TILES, step):
+        rows = (tile // TILES_K) * BLOCK_M + tl.arange(0, BLOCK_M)
+        words = _bf16_words(x_ptr, rows, (tile % TILES_K) * (BLOCK_K // 2), M, K, stride_xm, BLOCK_K)
+        low = tl.maximum(low, words & 0x7FFF)
+        high = tl.maximum(high, words & 0x7FFF0000)
+    largest = tl.maximum(tl.max(tl.max(low, axis=1), axis=0), tl.max(tl.max(high, axis=1), axis=0) >> 16)
+    if largest >= _BF16_INFINITY_BITS:  # a NaN or an infinity: the finite maximum, in a second pass
+        low = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.int32)
+        high = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.int32)
+        for tile in range(first_tile, TILES, step):
+            rows = (tile // TILES_K) * BLOCK_M + tl.arange(0, BLOCK_M)
+            words = _bf16_words(x_ptr, rows, (tile % TILES_K) * (BLOCK_K // 2), M, K, stride_xm, BLOCK_K)
+            even, odd = words & 0x7FFF, (words >> 16) & 0x7FFF
+            low = tl.maximum(low, tl.where(even < _BF16_INFINITY_BITS, even, 0))
+            high = tl.maximum(high, tl.where(odd < _BF16_INFINITY_BITS, odd, 0))
+        largest = tl.maximum(tl.max(tl.max(low, axis=1), axis=0), tl.max(tl.max(high, axis=1), axis=0))
+    return (largest << 16).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -112,24 +161,30 @@ def nvfp4_dynamic_global_scale(amax):
 
 
 @triton.jit
-def activation_global_scale(gs_ptr, amax_ptr, NUM_AMAX, GS_FROM_AMAX: tl.constexpr, AMAX_BLOCK: tl.constexpr):
-    """An NVFP4 activation global scale: read from ``gs_ptr``, or (``GS_FROM_AMAX``) made from the
-    ``NUM_AMAX`` partial finite maxima at ``amax_ptr`` (``finite_amax_partials``)."""
-    if GS_FROM_AMAX:
+def activation_global_scale(gs_ptr, amax_ptr, NUM_AMAX, x_ptr, M, K, stride_xm, GS_SOURCE: tl.constexpr,
+                            AMAX_BLOCK: tl.constexpr, AMAX_TILE_M: tl.constexpr, AMAX_TILE_K: tl.constexpr):
+    """An NVFP4 activation global scale, by ``GS_SOURCE``: "given" reads it from ``gs_ptr``;
+    "partials" makes it from the ``NUM_AMAX`` partial finite maxima at ``amax_ptr``
+    (``finite_amax_partials``, at most AMAX_BLOCK); "x" from x's finite amax, which the program
+    takes itself over all of bf16 x in (AMAX_TILE_M x AMAX_TILE_K) tiles (small activations: every
+    program reading x from L2 costs less than a launch of the amax kernel)."""
+    if GS_SOURCE == "given":
+        return tl.load(gs_ptr)
+    if GS_SOURCE == "partials":
         i = tl.arange(0, AMAX_BLOCK)
         return nvfp4_dynamic_global_scale(tl.max(tl.load(amax_ptr + i, mask=i < NUM_AMAX, other=0.0), axis=0))
-    return tl.load(gs_ptr)
+    tiles_k = tl.cdiv(K, AMAX_TILE_K)
+    amax = bf16_finite_amax(x_ptr, 0, tl.cdiv(M, AMAX_TILE_M) * tiles_k, 1, tiles_k, M, K, stride_xm, AMAX_TILE_M,
+                            AMAX_TILE_K)
+    return nvfp4_dynamic_global_scale(amax)
 
 
 @triton.jit
 def _load_bf16_as_words(x_ptr, rows, word0, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """bf16 x[rows, 2 * word0 : 2 * word0 + BLOCK_K] as float32, read as 32-bit words of two
     elements: the even element is the word shifted up, the odd one the word's upper half, one
-    integer operation each (Triton's bf16 conversion spends three per pair). Needs 4-byte aligned
-    rows (even stride and K, aligned pointer)."""
-    words = word0 + tl.arange(0, BLOCK_K // 2)
-    packed = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_xm // 2) + words[None, :],
-                     mask=(rows[:, None] < M) & (words[None, :] < K // 2), other=0)
+    integer operation each (Triton's bf16 conversion spends three per pair)."""
+    packed = _bf16_words(x_ptr, rows, word0, M, K, stride_xm, BLOCK_K)
     even = (packed << 16).to(tl.float32, bitcast=True)
     odd = (packed & -65536).to(tl.float32, bitcast=True)
     return tl.reshape(tl.join(even, odd), (BLOCK_M, BLOCK_K))
@@ -138,12 +193,14 @@ def _load_bf16_as_words(x_ptr, rows, word0, M, K, stride_xm, BLOCK_M: tl.constex
 @triton.jit
 def _quantize_kernel(
     x_ptr, packed_ptr, scales_ptr, values_ptr, gs_ptr, amax_ptr, M, K, stride_xm, NUM_AMAX,
-    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, GS_FROM_AMAX: tl.constexpr, AMAX_BLOCK: tl.constexpr,
-    WRITE_VALUES: tl.constexpr, BLOCK_M: tl.constexpr, GROUPS_PER_PROGRAM: tl.constexpr, FMA_DIVISION: tl.constexpr,
-    BF16_WORDS: tl.constexpr,
+    GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, GS_SOURCE: tl.constexpr, AMAX_BLOCK: tl.constexpr,
+    AMAX_TILE_M: tl.constexpr, AMAX_TILE_K: tl.constexpr, WRITE_VALUES: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUPS_PER_PROGRAM: tl.constexpr, FMA_DIVISION: tl.constexpr, BF16_WORDS: tl.constexpr,
 ):
     """Quantize a (BLOCK_M, GROUPS_PER_PROGRAM * GROUP) tile. WRITE_VALUES stores the decoded
-    ``e2m1 * block_scale`` values (no global scale) to ``values_ptr`` instead of codes and scales."""
+    ``e2m1 * block_scale`` values (no global scale) to ``values_ptr`` instead of codes and scales.
+    NVFP4's global scale comes from ``activation_global_scale``; one made here is also written to
+    ``gs_ptr`` (by the first program), for the GEMM's alpha."""
     BLOCK_K: tl.constexpr = GROUP * GROUPS_PER_PROGRAM
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -154,8 +211,9 @@ def _quantize_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     gs = 1.0
     if not IS_MXFP4:
-        gs = activation_global_scale(gs_ptr, amax_ptr, NUM_AMAX, GS_FROM_AMAX, AMAX_BLOCK)
-        if GS_FROM_AMAX and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        gs = activation_global_scale(gs_ptr, amax_ptr, NUM_AMAX, x_ptr, M, K, stride_xm, GS_SOURCE, AMAX_BLOCK,
+                                     AMAX_TILE_M, AMAX_TILE_K)
+        if GS_SOURCE != "given" and (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
             tl.store(gs_ptr, gs)
     if WRITE_VALUES:
         values = fake_quantize_tile(x, gs, GROUP, IS_MXFP4, FMA_DIVISION, BLOCK_M, BLOCK_K)
@@ -172,6 +230,22 @@ def _quantize_kernel(
     group_cols = tl.program_id(1) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
     tl.store(scales_ptr + rows[:, None] * (K // GROUP) + group_cols[None, :], scale.to(tl.uint8),
              mask=(rows[:, None] < M) & (group_cols[None, :] < K // GROUP))
+
+
+IN_PROGRAM_AMAX_ELEMENTS = 16384
+"""Up to this many bf16 elements (M=1 up to K=16384), a dynamic NVFP4 global scale is made inside
+the quantize kernel, each program reading all of x (from L2), instead of by a launch of the amax
+kernel first. Measured on an H100 (graph replays, NVFP4 W4A4 linear): M=1, K=4096 1.7 us faster
+per layer; but each further tile of x is a dependent L2 round trip per program, so from about 4
+tiles (M=1, K=14336 in 4096-element tiles) on, or M=16 at K=4096 (7 us slower), the launch wins."""
+AMAX_TILE_ELEMENTS = 8192
+"""Elements per tile (per step) of the in-program amax: at most two steps at M=1."""
+
+
+def _reads_bf16_words(rows: torch.Tensor) -> bool:
+    """Whether the kernels can read ``rows``' bf16 elements as aligned 32-bit pairs."""
+    return (rows.dtype == torch.bfloat16 and rows.shape[-1] % 2 == 0 and rows.stride(0) % 2 == 0
+            and rows.data_ptr() % 4 == 0)
 
 
 def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values_dtype: torch.dtype | None,
@@ -205,29 +279,38 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
         gs = global_scale.reshape(()) if write_values else global_scale.reshape(()).clone()
     if m == 0:
         return packed, scales, values, gs.fill_(1.0) if dynamic else gs
-    amax = None
-    if dynamic:
-        amax = finite_amax.reshape(1) if finite_amax is not None else finite_amax_partials(rows)
+    bf16_words = _reads_bf16_words(rows)
+    amax_tile_m = min(16, triton.next_power_of_2(m))
+    amax_tile_k = max(2, min(AMAX_TILE_ELEMENTS // amax_tile_m, triton.next_power_of_2(k)))
+    if not dynamic:
+        source, amax = "given", None
+    elif finite_amax is not None:
+        source, amax = "partials", finite_amax.reshape(1)
+    elif bf16_words and m * k <= IN_PROGRAM_AMAX_ELEMENTS:
+        source, amax = "x", None
+    else:
+        source, amax = "partials", finite_amax_partials(rows)
     # Tiles of 16 rows: the fastest of a sweep at M=4096 (block_m 16-128, 128-512 columns, 4 or 8
     # warps; benchmarks/RESULTS.md). 256 columns there; 128 at decode sizes, for more programs.
     columns = 256 if m > 256 else 128
     groups_per_program = min(columns // spec.group_size, triton.next_power_of_2(k // spec.group_size))
     grid = (triton.cdiv(m, 16), triton.cdiv(k // spec.group_size, groups_per_program))
-    num_amax = amax.numel() if dynamic else 1
+    num_amax = amax.numel() if amax is not None else 1
     _quantize_kernel[grid](
-        rows, packed, scales, values, gs if gs is not None else values, amax if dynamic else values, m, k,
-        rows.stride(0), num_amax, GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, GS_FROM_AMAX=dynamic,
-        AMAX_BLOCK=AMAX_PROGRAMS if num_amax > 1 else 1, WRITE_VALUES=write_values, BLOCK_M=16,
-        GROUPS_PER_PROGRAM=groups_per_program, FMA_DIVISION=x.device.type == "cuda",
-        BF16_WORDS=rows.dtype == torch.bfloat16 and rows.stride(0) % 2 == 0 and rows.data_ptr() % 4 == 0,
+        rows, packed, scales, values, gs if gs is not None else values, amax if amax is not None else values, m, k,
+        rows.stride(0), num_amax, GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, GS_SOURCE=source,
+        AMAX_BLOCK=AMAX_PROGRAMS if num_amax > 1 else 1, AMAX_TILE_M=amax_tile_m, AMAX_TILE_K=amax_tile_k,
+        WRITE_VALUES=write_values, BLOCK_M=16, GROUPS_PER_PROGRAM=groups_per_program,
+        FMA_DIVISION=x.device.type == "cuda", BF16_WORDS=bf16_words,
     )
     return packed, scales, values, gs
 
 
 AMAX_PROGRAMS = 512
 """At most this many programs (and partial maxima) in ``finite_amax_partials``: enough to stream a
-prefill-sized activation near copy bandwidth (measured on an H100 at 4096 x 28672: 94 us with 512
-programs of 8 warps over 64 x 512 tiles; 101 us with 256; 207 us with 16 x 128 tiles), few
+prefill-sized activation (measured on an H100 at 4096 x 28672: 90.5 us with 512 programs of 4
+warps over 16 x 512 tiles of bf16 words, 94.6 us reading 64 x 512 tiles as floats; 128 us with
+16 x 128 tiles), few
 enough for every program of the quantize kernel to take their maximum. The quantize kernel reads
 a fixed ``AMAX_PROGRAMS`` block (masked), so one compiled kernel serves every M."""
 
@@ -237,17 +320,17 @@ def finite_amax_partials(x: torch.Tensor, block_m: int | None = None, block_k: i
     """Partial finite maxima of |x| (M, K) whose maximum is x's finite amax (float32, at most
     ``programs``; none for an empty x): what the quantize kernel reduces into a dynamic NVFP4
     global scale (``activation_global_scale``). Partials need no zeroed accumulator, so no extra launch.
-    Default tiles: small at decode sizes (enough programs to fill the GPU), large at prefill."""
+    Default tiles: 16 rows, 128 columns at decode sizes (enough programs to fill the GPU), 512 above
+    256 rows."""
     m, k = x.shape
-    large = m > 256
-    block_m = block_m or (64 if large else 16)
-    block_k = block_k or (512 if large else 128)
+    block_m = block_m or 16
+    block_k = block_k or (512 if m > 256 else 128)
     tiles_k = triton.cdiv(k, block_k)
     tiles = triton.cdiv(m, block_m) * tiles_k
     partials = torch.empty(min(tiles, programs), dtype=torch.float32, device=x.device)
     if partials.numel():
         _finite_amax_kernel[(partials.numel(),)](x, partials, m, k, x.stride(0), tiles_k, tiles, BLOCK_M=block_m,
-                                                 BLOCK_K=block_k, num_warps=8 if large else 4)
+                                                 BLOCK_K=block_k, BF16_WORDS=_reads_bf16_words(x), num_warps=4)
     return partials
 
 
