@@ -82,6 +82,42 @@ def test_moe_kernels_with_every_tile_height_and_masked_k(block_m, tokens, rng):
     assert relative_error(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("fmt,act_mode", [("mxfp4", "none"), ("nvfp4", "fp4")])
+def test_moe_kernels_at_decode_sizes_with_and_without_dispatch(fmt, act_mode, monkeypatch, rng):
+    """Direct slots (each M tile one slot, no dispatch) give the bits of rows grouped by expert,
+    slots routed nowhere (ids -1 and E) included; a second call gives the same again."""
+    if DEVICE != "cpu":
+        pytest.skip("interpreter test")
+    gate_up, down, _ = experts(6, 64, 32, fmt, rng, bias=False)
+    hidden = torch.randn(5, 64, generator=rng)
+    ids, weights = routing(5, 6, 3, rng)  # 15 slots; ids[1, 0] = 6 routes nowhere
+    ids[3, 2] = -1
+    ids[4] = torch.tensor([-1, 6, -1])  # a token routed nowhere at all: zeros
+    outputs = {}
+    for direct in (True, False, True):
+        dispatches = []
+        monkeypatch.setattr(moe_kernels, "use_direct_slots", lambda *shape: direct)
+        monkeypatch.setattr(moe_kernels, "dispatch_tokens", lambda *args: dispatches.append(args) or
+                            dispatch_tokens(*args))
+        y = moe_kernels.fp4_moe(hidden, ids, weights, gate_up.packed, gate_up.scales, gate_up.global_scale,
+                                down.packed, down.scales, down.global_scale, None, None, fmt, act_mode, "silu", 1.0, 1.0)
+        assert len(dispatches) == (0 if direct else 1)
+        if direct in outputs:
+            assert torch.equal(y, outputs[direct])
+        outputs[direct] = y
+    assert torch.equal(outputs[True], outputs[False])
+    ref = moe_reference(hidden, ids, weights, gate_up, down, None, None, act_mode, "silu", 1.0, 1.0)
+    assert relative_error(outputs[True], ref) < (1e-5 if act_mode == "none" else 1e-3)
+    assert torch.equal(outputs[True][4], torch.zeros(64))
+
+
+def test_direct_slots_at_one_token_and_where_experts_rarely_repeat():
+    assert moe_kernels.use_direct_slots(1, 8, 128)  # Qwen3-30B-A3B decoding one sequence
+    assert moe_kernels.use_direct_slots(2, 8, 128)  # one expected repeat pair in two
+    assert not moe_kernels.use_direct_slots(4, 2, 8)  # Mixtral, 4 tokens: experts repeat
+    assert not moe_kernels.use_direct_slots(3, 8, 128)  # more slots than DIRECT_SLOTS
+
+
 @pytest.mark.parametrize("tokens", [37, 100])  # one program (111 slots), or the atomics (300)
 def test_dispatch_groups_every_routed_slot_by_expert_with_aligned_padding(tokens, rng):
     if DEVICE != "cpu":

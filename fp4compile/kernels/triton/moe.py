@@ -2,7 +2,8 @@
 quantization and the routing weights fused in. No host sync anywhere (CUDA-graph safe).
 
 ``moe_dispatch`` groups the (token, choice) slots by expert (one launch up to 128 slots, three
-above); then
+above; none for a few slots that rarely share an expert, as at one token: ``use_direct_slots``,
+each M tile then one slot); then
 
 1. ``_gate_up_kernel``: per (M tile of one expert's rows, N tile of the intermediate), the gate
    and the up rows of the expert's weight are decoded from fp4 in registers (``gemm.weight_tile``)
@@ -35,7 +36,7 @@ from .gemm import (
     activation_tile, dot_even_odd, global_alpha, has_bf16x2_multiply, mx_row_exponent, scale_words, undo_decode_factor,
     weight_tile,
 )
-from .moe_dispatch import dispatch_tokens, tile_expert
+from .moe_dispatch import dispatch_tokens, tile_rows
 from .quantize import fake_quantize_tile, finite_amax, fp4_fake_quantize
 
 
@@ -52,21 +53,21 @@ def swiglu_tile(gate, up, CLAMPED: tl.constexpr, alpha, limit):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, slot_of_row_ptr, counts_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr, out_ptr, amax_ptr,
+    x_ptr, slot_of_row_ptr, counts_ptr, ids_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr, out_ptr, amax_ptr,
     TOKENS, INTER, K, HALF_K, K_GROUPS, stride_xm, EXPERTS, swiglu_alpha, swiglu_limit,
     TOP_K: tl.constexpr, CLAMPED: tl.constexpr, GROUP: tl.constexpr, IS_MXFP4: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr, QUANTIZE_OUT: tl.constexpr, TRACK_AMAX: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EXPERTS_POW2: tl.constexpr, USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    FMA_DIVISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, EXPERTS_POW2: tl.constexpr, DIRECT: tl.constexpr, USE_ASM: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, FMA_DIVISION: tl.constexpr,
 ):
     """intermediate[rows, cols] = act(gate, up) of one expert's M tile; program (N tile, M tile).
     ``QUANTIZE_OUT`` (MXFP4 W4A4): stored as its fp4 values (the groups of 32 lie within the
     tile); ``TRACK_AMAX`` (NVFP4 W4A4): stored as float32, its finite amax into ``amax_ptr``."""
-    expert, rows, routed = tile_expert(counts_ptr, tl.program_id(1) * BLOCK_M, EXPERTS, BLOCK_M, EXPERTS_POW2)
+    expert, rows, routed, slots = tile_rows(tl.program_id(1), counts_ptr, slot_of_row_ptr, ids_ptr, EXPERTS, BLOCK_M,
+                                            EXPERTS_POW2, DIRECT)
     if expert >= EXPERTS:
         return
-    slots = tl.load(slot_of_row_ptr + rows, mask=routed, other=0)
     tokens = tl.where(routed, slots // TOP_K, TOKENS)  # TOKENS: a row that reads as zeros
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     gate_rows = tl.minimum(cols, INTER - 1)  # past the end: a valid row, never stored
@@ -107,14 +108,16 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    x_ptr, slot_of_row_ptr, counts_ptr, topk_weights_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr, out_ptr,
-    ROWS, N, K, HALF_K, K_GROUPS, EXPERTS,
+    x_ptr, slot_of_row_ptr, counts_ptr, ids_ptr, topk_weights_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr,
+    out_ptr, ROWS, N, K, HALF_K, K_GROUPS, EXPERTS,
     GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, EXPERTS_POW2: tl.constexpr, USE_ASM: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCK_K: tl.constexpr, EXPERTS_POW2: tl.constexpr, DIRECT: tl.constexpr, USE_ASM: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     """slot_out[slot, cols] = weight[slot] * (down(intermediate[row]) + bias) for one expert's M tile."""
-    expert, rows, routed = tile_expert(counts_ptr, tl.program_id(1) * BLOCK_M, EXPERTS, BLOCK_M, EXPERTS_POW2)
+    expert, rows, routed, slots = tile_rows(tl.program_id(1), counts_ptr, slot_of_row_ptr, ids_ptr, EXPERTS, BLOCK_M,
+                                            EXPERTS_POW2, DIRECT)
     if expert >= EXPERTS:
         return
     x_rows = tl.where(routed, rows, ROWS)  # ROWS: a row that reads as zeros
@@ -135,7 +138,6 @@ def _down_kernel(
     y = undo_decode_factor(acc, exponent, IS_MXFP4) * global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
     if HAS_BIAS:
         y += tl.load(bias_ptr + expert * N + w_rows).to(tl.float32)[None, :]
-    slots = tl.load(slot_of_row_ptr + rows, mask=routed, other=0)
     y *= tl.load(topk_weights_ptr + slots, mask=routed, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + slots[:, None] * N + cols[None, :], y, mask=routed[:, None] & (cols[None, :] < N))
 
@@ -192,6 +194,20 @@ def combine_slots(
         TOP_K=top_k, WEIGHTED_ROWS=weighted, HAS_BIAS=bias is not None, BLOCK_N=block,
     )
     return out
+
+
+DIRECT_SLOTS = 16
+"""At most this many (token, choice) slots run as direct slots (``use_direct_slots``)."""
+
+
+def use_direct_slots(tokens: int, top_k: int, experts: int) -> bool:
+    """Whether each M tile of the two GEMMs is one slot, its expert read from the routing, instead
+    of rows grouped by expert: no dispatch launch, but an expert chosen by several tokens has its
+    weight decoded once per slot. So: a few slots, and few expected repeats, the cross-token slot
+    pairs ``C(T, 2) * k**2`` over E experts at most 1/2 (always at 1 token: top-k experts are
+    distinct). Measured on an H100 (``benchmarks/RESULTS.md``): at 1 token 5-10% faster on
+    Qwen3-30B-A3B and gpt-oss-120b; slower once slots repeat experts (Mixtral at 4 tokens, 14%)."""
+    return tokens * top_k <= DIRECT_SLOTS and tokens * (tokens - 1) * top_k * top_k <= experts
 
 
 @dataclass(frozen=True)
@@ -259,13 +275,21 @@ def fp4_moe(
         return hidden.new_zeros((tokens, size))
     spec = get_format(fmt)
     cfg = config or choose_moe_config(slots, experts, size, inter, fmt)
-    dispatch = dispatch_tokens(topk_ids, experts, cfg.block_m)
-    rows = dispatch.slot_of_row.numel()
+    ids = topk_ids.reshape(-1).contiguous()
+    direct = use_direct_slots(tokens, top_k, experts)
+    if direct:  # M tile t is slot t: no dispatch launch
+        rows = tiles = slots
+        slot_of_row = counts = ids  # not read
+        experts_pow2 = 1
+    else:
+        dispatch = dispatch_tokens(ids, experts, cfg.block_m)
+        slot_of_row, counts, experts_pow2 = dispatch.slot_of_row, dispatch.counts, dispatch.experts_pow2
+        rows, tiles = slot_of_row.numel(), dispatch.tiles
     check_offsets(max(tokens, slots, rows), max(size, inter))
     check_offsets(two_inter, size // 2)
     on_gpu = hidden.device.type == "cuda"
     dot_dtype = torch.bfloat16 if on_gpu else torch.float32
-    kernel_args = dict(EXPERTS_POW2=dispatch.experts_pow2, USE_ASM=on_gpu and has_bf16x2_multiply(hidden.device),
+    kernel_args = dict(EXPERTS_POW2=experts_pow2, DIRECT=direct, USE_ASM=on_gpu and has_bf16x2_multiply(hidden.device),
                        DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                        GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, num_warps=cfg.num_warps,
                        num_stages=cfg.num_stages)
@@ -284,8 +308,8 @@ def fp4_moe(
     down_packed, down_scales = down_packed.contiguous(), down_scales.contiguous()
     intermediate = torch.empty((rows, inter), dtype=torch.float32 if nvfp4_w4a4 else dot_dtype, device=hidden.device)
     block_k = cfg.gate_up_block_k
-    _gate_up_kernel[(triton.cdiv(inter, cfg.block_n), dispatch.tiles)](
-        x, dispatch.slot_of_row, dispatch.counts, gate_up_packed, gate_up_scales, gate_up_global_scale,
+    _gate_up_kernel[(triton.cdiv(inter, cfg.block_n), tiles)](
+        x, slot_of_row, counts, ids, gate_up_packed, gate_up_scales, gate_up_global_scale,
         x_global_scale, gate_up_bias.contiguous() if gate_up_bias is not None else amax, intermediate, amax,
         tokens, inter, size, size // 2, size // spec.group_size, x.stride(0), experts, float(alpha), float(limit),
         TOP_K=top_k, CLAMPED=activation == "clamped_swiglu", HAS_BIAS=gate_up_bias is not None,
@@ -299,8 +323,8 @@ def fp4_moe(
     slot_out = torch.empty((slots, size), dtype=torch.float32, device=hidden.device)
     weights = topk_weights.reshape(-1).contiguous()
     block_k = cfg.down_block_k
-    _down_kernel[(triton.cdiv(size, cfg.block_n), dispatch.tiles)](
-        intermediate, dispatch.slot_of_row, dispatch.counts, weights, down_packed, down_scales, down_global_scale,
+    _down_kernel[(triton.cdiv(size, cfg.block_n), tiles)](
+        intermediate, slot_of_row, counts, ids, weights, down_packed, down_scales, down_global_scale,
         x_global_scale, down_bias.contiguous() if down_bias is not None else amax, slot_out,
         rows, size, inter, inter // 2, inter // spec.group_size, experts,
         HAS_BIAS=down_bias is not None, HAS_X_SCALE=nvfp4_w4a4, EVEN_K=inter % block_k == 0,

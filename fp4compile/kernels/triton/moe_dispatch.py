@@ -77,6 +77,22 @@ def tile_expert(counts_ptr, row0, EXPERTS, BLOCK_M: tl.constexpr, EXPERTS_POW2: 
 
 
 @triton.jit
+def tile_rows(tile, counts_ptr, slot_of_row_ptr, ids_ptr, EXPERTS, BLOCK_M: tl.constexpr, EXPERTS_POW2: tl.constexpr,
+              DIRECT: tl.constexpr):
+    """What M tile ``tile`` of a grouped GEMM holds: (expert, rows (BLOCK_M,), which rows hold a
+    slot, their slots). Grouped rows: ``tile_expert``'s, the slots from ``slot_of_row``.
+    ``DIRECT`` (a few slots, no dispatch): tile t is slot t alone, at row t, its expert read from
+    ``ids_ptr`` (the rows after it are masked). ``expert >= EXPERTS``: nothing to do."""
+    if DIRECT:
+        expert = tl.load(ids_ptr + tile).to(tl.int32)
+        expert = tl.where(expert >= 0, expert, EXPERTS)  # routed to no expert
+        rows = tile + tl.arange(0, BLOCK_M)
+        return expert, rows, tl.arange(0, BLOCK_M) == 0, rows
+    expert, rows, routed = tile_expert(counts_ptr, tile * BLOCK_M, EXPERTS, BLOCK_M, EXPERTS_POW2)
+    return expert, rows, routed, tl.load(slot_of_row_ptr + rows, mask=routed, other=0).to(tl.int32)
+
+
+@triton.jit
 def _rank_kernel(ids_ptr, counts_ptr, ranks_ptr, SLOTS, EXPERTS, BLOCK: tl.constexpr):
     """counts[e] (zeroed) <- number of slots routed to e; ranks[slot] <- the slot's place among them."""
     slots = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
