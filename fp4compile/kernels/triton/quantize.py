@@ -48,7 +48,25 @@ def _bf16_words(x_ptr, rows, word0, M, K, stride_xm, BLOCK_K: tl.constexpr):
                    mask=(rows[:, None] < M) & (words[None, :] < K // 2), other=0)
 
 
-_BF16_INFINITY_BITS = tl.constexpr(0x7F80)
+@triton.jit
+def _bf16_magnitude_max(x_ptr, first_tile, TILES, step, TILES_K, M, K, stride_xm, BLOCK_M: tl.constexpr,
+                        BLOCK_K: tl.constexpr, FINITE_ONLY: tl.constexpr):
+    """The largest bf16 magnitude bits (``bits & 0x7FFF``, int32) over tiles first_tile,
+    first_tile + step, ... < TILES of bf16 x (M, K), row-major; ``FINITE_ONLY`` leaves NaN and
+    infinity (0x7F80 and up) out. Each word's two halves are masked in place, the odd element's
+    left in the upper half until the end: one operation per element."""
+    low = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.int32)
+    high = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.int32)
+    for tile in range(first_tile, TILES, step):
+        rows = (tile // TILES_K) * BLOCK_M + tl.arange(0, BLOCK_M)
+        words = _bf16_words(x_ptr, rows, (tile % TILES_K) * (BLOCK_K // 2), M, K, stride_xm, BLOCK_K)
+        even, odd = words & 0x7FFF, words & 0x7FFF0000
+        if FINITE_ONLY:
+            even = tl.where(even < 0x7F80, even, 0)
+            odd = tl.where(odd < 0x7F800000, odd, 0)
+        low = tl.maximum(low, even)
+        high = tl.maximum(high, odd)
+    return tl.maximum(tl.max(tl.max(low, axis=1), axis=0), tl.max(tl.max(high, axis=1), axis=0) >> 16)
 
 
 @triton.jit
@@ -57,28 +75,14 @@ def bf16_finite_amax(x_ptr, first_tile, TILES, step, TILES_K, M, K, stride_xm, B
     """max |x| over the finite values of bf16 x (M, K)'s (BLOCK_M x BLOCK_K) tiles first_tile,
     first_tile + step, ... < TILES (row-major), as float32; 0 when none is finite.
 
-    Magnitudes compare as integers, each word's two halves masked in place (one operation per
-    element, where a float maximum also spends a conversion and a finiteness test on each): bf16
-    magnitudes order as their bits, NaN and infinity (0x7F80 and up) above every finite value. So
-    only a maximum that reaches 0x7F80 needs the tiles again, leaving those out."""
-    low = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.int32)
-    high = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.int32)
-    for tile in range(first_tile, TILES, step):
-        rows = (tile // TILES_K) * BLOCK_M + tl.arange(0, BLOCK_M)
-        words = _bf16_words(x_ptr, rows, (tile % TILES_K) * (BLOCK_K // 2), M, K, stride_xm, BLOCK_K)
-        low = tl.maximum(low, words & 0x7FFF)
-        high = tl.maximum(high, words & 0x7FFF0000)
-    largest = tl.maximum(tl.max(tl.max(low, axis=1), axis=0), tl.max(tl.max(high, axis=1), axis=0) >> 16)
-    if largest >= _BF16_INFINITY_BITS:  # a NaN or an infinity: the finite maximum, in a second pass
-        low = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.int32)
-        high = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.int32)
-        for tile in range(first_tile, TILES, step):
-            rows = (tile // TILES_K) * BLOCK_M + tl.arange(0, BLOCK_M)
-            words = _bf16_words(x_ptr, rows, (tile % TILES_K) * (BLOCK_K // 2), M, K, stride_xm, BLOCK_K)
-            even, odd = words & 0x7FFF, (words >> 16) & 0x7FFF
-            low = tl.maximum(low, tl.where(even < _BF16_INFINITY_BITS, even, 0))
-            high = tl.maximum(high, tl.where(odd < _BF16_INFINITY_BITS, odd, 0))
-        largest = tl.maximum(tl.max(tl.max(low, axis=1), axis=0), tl.max(tl.max(high, axis=1), axis=0))
+    Magnitudes compare as integers (``_bf16_magnitude_max``), where a float maximum also spends a
+    conversion and a finiteness test on each element: bf16 magnitudes order as their bits, NaN
+    and infinity (0x7F80 and up) above every finite value. So only a maximum that reaches 0x7F80
+    needs the tiles again, leaving those out."""
+    largest = _bf16_magnitude_max(x_ptr, first_tile, TILES, step, TILES_K, M, K, stride_xm, BLOCK_M, BLOCK_K, False)
+    if largest >= 0x7F80:  # a NaN or an infinity: the finite maximum, in a second pass
+        largest = _bf16_magnitude_max(x_ptr, first_tile, TILES, step, TILES_K, M, K, stride_xm, BLOCK_M, BLOCK_K,
+                                      True)
     return (largest << 16).to(tl.float32, bitcast=True)
 
 
@@ -280,8 +284,6 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
     if m == 0:
         return packed, scales, values, gs.fill_(1.0) if dynamic else gs
     bf16_words = _reads_bf16_words(rows)
-    amax_tile_m = min(16, triton.next_power_of_2(m))
-    amax_tile_k = max(2, min(AMAX_TILE_ELEMENTS // amax_tile_m, triton.next_power_of_2(k)))
     if not dynamic:
         source, amax = "given", None
     elif finite_amax is not None:
@@ -296,6 +298,10 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
     groups_per_program = min(columns // spec.group_size, triton.next_power_of_2(k // spec.group_size))
     grid = (triton.cdiv(m, 16), triton.cdiv(k // spec.group_size, groups_per_program))
     num_amax = amax.numel() if amax is not None else 1
+    # The in-program amax's tiles (constants of the kernel: fixed unless used, so that other
+    # sources do not compile a variant per M).
+    amax_tile_m = min(16, triton.next_power_of_2(m)) if source == "x" else 1
+    amax_tile_k = max(2, min(AMAX_TILE_ELEMENTS // amax_tile_m, triton.next_power_of_2(k))) if source == "x" else 2
     _quantize_kernel[grid](
         rows, packed, scales, values, gs if gs is not None else values, amax if amax is not None else values, m, k,
         rows.stride(0), num_amax, GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, GS_SOURCE=source,
@@ -310,8 +316,7 @@ AMAX_PROGRAMS = 512
 """At most this many programs (and partial maxima) in ``finite_amax_partials``: enough to stream a
 prefill-sized activation (measured on an H100 at 4096 x 28672: 90.5 us with 512 programs of 4
 warps over 16 x 512 tiles of bf16 words, 94.6 us reading 64 x 512 tiles as floats; 128 us with
-16 x 128 tiles), few
-enough for every program of the quantize kernel to take their maximum. The quantize kernel reads
+16 x 128 tiles), few enough for every program of the quantize kernel to take their maximum. The quantize kernel reads
 a fixed ``AMAX_PROGRAMS`` block (masked), so one compiled kernel serves every M."""
 
 
