@@ -76,7 +76,7 @@ def test_moe_kernels_with_every_tile_height_and_masked_k(block_m, tokens, rng):
     """Several M tiles per expert, and K tiles with a masked tail (hidden 96 with K tiles of 64)."""
     if DEVICE != "cpu":
         pytest.skip("interpreter test")
-    config = moe_kernels.MoeConfig(block_m, 32, gate_up_block_k=64, down_block_k=32)
+    config = moe_kernels.MoeConfig(block_m, moe_kernels.GemmTiles(32, 64, 4), moe_kernels.GemmTiles(32, 32, 4))
     y, ref = run_both(tokens, experts(4, 96, 64, "nvfp4", rng, False), 2, "nvfp4", "none", "silu", rng,
                       config=config, ids_dtype=torch.int32)
     assert relative_error(y, ref) < 1e-5
@@ -94,13 +94,15 @@ def test_moe_kernels_at_decode_sizes_with_and_without_dispatch(fmt, act_mode, mo
     ids[3, 2] = -1
     ids[4] = torch.tensor([-1, 6, -1])  # a token routed nowhere at all: zeros
     outputs = {}
+    config = moe_kernels.choose_moe_config(5, 3, 6, 64, 32, fmt)  # the same tiles either way: the same sums
     for direct in (True, False, True):
         dispatches = []
         monkeypatch.setattr(moe_kernels, "use_direct_slots", lambda *shape: direct)
         monkeypatch.setattr(moe_kernels, "dispatch_tokens", lambda *args: dispatches.append(args) or
                             dispatch_tokens(*args))
         y = moe_kernels.fp4_moe(hidden, ids, weights, gate_up.packed, gate_up.scales, gate_up.global_scale,
-                                down.packed, down.scales, down.global_scale, None, None, fmt, act_mode, "silu", 1.0, 1.0)
+                                down.packed, down.scales, down.global_scale, None, None, fmt, act_mode, "silu", 1.0, 1.0,
+                                config=config)
         assert len(dispatches) == (0 if direct else 1)
         if direct in outputs:
             assert torch.equal(y, outputs[direct])
@@ -109,6 +111,32 @@ def test_moe_kernels_at_decode_sizes_with_and_without_dispatch(fmt, act_mode, mo
     ref = moe_reference(hidden, ids, weights, gate_up, down, None, None, act_mode, "silu", 1.0, 1.0)
     assert relative_error(outputs[True], ref) < (1e-5 if act_mode == "none" else 1e-3)
     assert torch.equal(outputs[True][4], torch.zeros(64))
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_decode_tiles_with_a_masked_k_tail(tokens, rng):
+    """The decode configurations' K tiles (256 at one token, direct slots; 256 and 128 at a few
+    tokens per expert) are wider than hidden 96 and intermediate 160: masked tails."""
+    if DEVICE != "cpu":
+        pytest.skip("interpreter test")
+    config = moe_kernels.choose_moe_config(tokens, 2, 4, 96, 160, "mxfp4")
+    assert (config.gate_up.block_k, config.down.block_k) == (128, 256 if tokens == 1 else 128)
+    y, ref = run_both(tokens, experts(4, 96, 160, "mxfp4", rng, False), 2, "mxfp4", "none", "silu", rng)
+    assert relative_error(y, ref) < 1e-5
+
+
+def test_moe_config_by_rows_per_expert():
+    qwen3 = dict(experts=128, hidden=2048, inter=768)
+    decode = moe_kernels.choose_moe_config(1, 8, fmt="nvfp4", **qwen3)
+    assert decode == moe_kernels.MoeConfig(16, moe_kernels.GemmTiles(32, 256, 4, scale_words=False),
+                                           moe_kernels.GemmTiles(32, 256, 2, scale_words=False))
+    assert moe_kernels.choose_moe_config(1, 8, fmt="mxfp4", **qwen3).gate_up.scale_words
+    few = moe_kernels.choose_moe_config(16, 8, fmt="mxfp4", **qwen3)  # one row per expert: grouped rows
+    assert (few.block_m, few.gate_up, few.down) == (16, moe_kernels.GemmTiles(32, 256, 2), moe_kernels.GemmTiles(64, 128, 2))
+    gpt_oss = moe_kernels.choose_moe_config(1, 4, 128, 2880, 2880, "mxfp4")
+    assert gpt_oss.gate_up.block_k == 256  # masked tail: 2880 = 11 * 256 + 64
+    prefill = moe_kernels.choose_moe_config(4096, 4, 128, 2880, 2880, "mxfp4")
+    assert prefill.block_m == 128 and prefill.gate_up == moe_kernels.GemmTiles(128, 64, 8)  # 64 divides 2880
 
 
 def test_direct_slots_at_one_token_and_where_experts_rarely_repeat():
@@ -140,7 +168,8 @@ def test_dispatch_groups_every_routed_slot_by_expert_with_aligned_padding(tokens
 def test_mxfp4_w4a4_refuses_tiles_that_split_a_group(rng):
     weights = experts(2, 64, 64, "mxfp4", rng, bias=False)
     with pytest.raises(ValueError, match="block_n=16"):
-        run_both(2, weights, 1, "mxfp4", "fp4", "silu", rng, config=moe_kernels.MoeConfig(16, 16, 64, 64))
+        tiles = moe_kernels.GemmTiles(16, 64, 4)
+        run_both(2, weights, 1, "mxfp4", "fp4", "silu", rng, config=moe_kernels.MoeConfig(16, tiles, tiles))
 
 
 def test_no_routed_slot_gives_zeros(rng):

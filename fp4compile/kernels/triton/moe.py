@@ -211,39 +211,57 @@ def use_direct_slots(tokens: int, top_k: int, experts: int) -> bool:
 
 
 @dataclass(frozen=True)
+class GemmTiles:
+    """The tiles of one of the two grouped GEMMs. ``scale_words``: read the scale bytes as 32-bit
+    words where they are aligned (``gemm.scale_words``); at decode that is faster for MXFP4 and
+    often slower for NVFP4 (``benchmarks/RESULTS.md``)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    scale_words: bool = True
+
+
+@dataclass(frozen=True)
 class MoeConfig:
-    """Tiles of the two grouped GEMMs; ``block_m`` is also the dispatch's row alignment."""
+    """Tiles of the two grouped GEMMs; ``block_m`` (shared) is also the dispatch's row alignment."""
 
     block_m: int
-    block_n: int
-    gate_up_block_k: int
-    down_block_k: int
-    num_warps: int = 4
+    gate_up: GemmTiles
+    down: GemmTiles
     num_stages: int = 3
 
 
-def _block_k(k: int, group: int) -> int:
-    """The largest K tile of 128, 64, 32 dividing K (no masked loads), at least a group; 128
-    (masked tail) when none does."""
-    for block_k in (128, 64, 32):
-        if k % block_k == 0 and block_k % group == 0:
-            return block_k
-    return 128
+def _block_k(k: int, widths: tuple[int, ...]) -> int:
+    """The first K tile of ``widths`` that divides K (no masked tail), else the first (masked), and
+    never wider than K rounded up to a power of two."""
+    dividing = [width for width in widths if k % width == 0]
+    return min(dividing[0] if dividing else widths[0], max(32, triton.next_power_of_2(k)))
 
 
-def choose_moe_config(slots: int, experts: int, hidden: int, inter: int, fmt: str) -> MoeConfig:
-    """Tiles by the average rows per expert (``benchmarks/tune_moe.py``, RESULTS.md): 16-row
-    tiles while experts see a few tokens each (decode; 16 beat 32 at 128 tokens on Qwen3-30B-A3B),
-    128x128 tiles with 8 warps when each sees many (prefill; 9% faster than 64x64 at 4096 tokens on
-    the H100). Splitting K at decode was measured and dropped: slower on Qwen3 and DeepSeek-V3."""
-    rows_per_expert = slots / experts
-    group = get_format(fmt).group_size
-    gate_up_k, down_k = _block_k(hidden, group), _block_k(inter, group)
-    if rows_per_expert > 64:
-        return MoeConfig(128, 128, gate_up_k, down_k, num_warps=8)
-    if rows_per_expert > 16:
-        return MoeConfig(64, 64, gate_up_k, down_k)
-    return MoeConfig(16, 64, gate_up_k, down_k)
+def choose_moe_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int, fmt: str) -> MoeConfig:
+    """Tiles by the average rows per expert, from sweeps on an H100 (``benchmarks/tune_moe.py``,
+    RESULTS.md). Decode (direct slots, or at most 16 rows per expert): 16-row tiles over 32 or 64
+    columns, long K tiles of 2-4 warps (a masked tail beats shorter tiles: gpt-oss's K = 2880 runs
+    256-wide tiles 18-37% faster than the 64 that divide it), the gate/up GEMM on 32 columns, the
+    down GEMM as measured best for each; scale words for MXFP4 only. Prefill: 128x128 tiles with 8
+    warps (9% faster than 64x64 at 4096 tokens). Splitting K at decode was measured and dropped."""
+    rows_per_expert = tokens * top_k / experts
+    mx = get_format(fmt) is MXFP4
+    if use_direct_slots(tokens, top_k, experts):
+        return MoeConfig(16, GemmTiles(32, _block_k(hidden, (256,)), 4, mx), GemmTiles(32, _block_k(inter, (256,)), 2, mx))
+    if rows_per_expert <= 16:
+        return MoeConfig(16, GemmTiles(32, _block_k(hidden, (256,)), 2, mx), GemmTiles(64, _block_k(inter, (128,)), 2, mx))
+    widths = (128, 64, 32)
+    if rows_per_expert <= 64:
+        return MoeConfig(64, GemmTiles(64, _block_k(hidden, widths), 4), GemmTiles(64, _block_k(inter, widths), 4))
+    return MoeConfig(128, GemmTiles(128, _block_k(hidden, widths), 8), GemmTiles(128, _block_k(inter, widths), 8))
+
+
+def _tile_args(tiles: GemmTiles, k: int, group: int, scales: torch.Tensor) -> dict:
+    """One grouped GEMM's tile constants and launch options, for a K of ``k``."""
+    return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, EVEN_K=k % tiles.block_k == 0, num_warps=tiles.num_warps,
+                SCALE_WORDS=tiles.scale_words and scale_words(k, tiles.block_k, group, scales))
 
 
 def fp4_moe(
@@ -274,7 +292,7 @@ def fp4_moe(
     if slots == 0:
         return hidden.new_zeros((tokens, size))
     spec = get_format(fmt)
-    cfg = config or choose_moe_config(slots, experts, size, inter, fmt)
+    cfg = config or choose_moe_config(tokens, top_k, experts, size, inter, fmt)
     ids = topk_ids.reshape(-1).contiguous()
     direct = use_direct_slots(tokens, top_k, experts)
     if direct:  # M tile t is slot t: no dispatch launch
@@ -290,13 +308,12 @@ def fp4_moe(
     on_gpu = hidden.device.type == "cuda"
     dot_dtype = torch.bfloat16 if on_gpu else torch.float32
     kernel_args = dict(EXPERTS_POW2=experts_pow2, DIRECT=direct, USE_ASM=on_gpu and has_bf16x2_multiply(hidden.device),
-                       DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                       GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, num_warps=cfg.num_warps,
-                       num_stages=cfg.num_stages)
+                       DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32, BLOCK_M=cfg.block_m,
+                       GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, num_stages=cfg.num_stages)
     w4a4 = act_mode == "fp4"
-    if w4a4 and spec is MXFP4 and cfg.block_n % spec.group_size:
+    if w4a4 and spec is MXFP4 and cfg.gate_up.block_n % spec.group_size:
         raise ValueError(f"MXFP4 W4A4 quantizes the intermediate in tiles of block_n columns, which must hold whole "
-                         f"groups of {spec.group_size}; got block_n={cfg.block_n}")
+                         f"groups of {spec.group_size}; got the gate/up GEMM's block_n={cfg.gate_up.block_n}")
     nvfp4_w4a4 = w4a4 and spec is not MXFP4  # activations carry a global scale
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
     x_global_scale = gate_up_global_scale  # not read unless nvfp4_w4a4
@@ -307,27 +324,24 @@ def fp4_moe(
     gate_up_packed, gate_up_scales = gate_up_packed.contiguous(), gate_up_scales.contiguous()
     down_packed, down_scales = down_packed.contiguous(), down_scales.contiguous()
     intermediate = torch.empty((rows, inter), dtype=torch.float32 if nvfp4_w4a4 else dot_dtype, device=hidden.device)
-    block_k = cfg.gate_up_block_k
-    _gate_up_kernel[(triton.cdiv(inter, cfg.block_n), tiles)](
+    _gate_up_kernel[(triton.cdiv(inter, cfg.gate_up.block_n), tiles)](
         x, slot_of_row, counts, ids, gate_up_packed, gate_up_scales, gate_up_global_scale,
         x_global_scale, gate_up_bias.contiguous() if gate_up_bias is not None else amax, intermediate, amax,
         tokens, inter, size, size // 2, size // spec.group_size, x.stride(0), experts, float(alpha), float(limit),
         TOP_K=top_k, CLAMPED=activation == "clamped_swiglu", HAS_BIAS=gate_up_bias is not None,
         HAS_X_SCALE=nvfp4_w4a4, QUANTIZE_OUT=w4a4 and spec is MXFP4, TRACK_AMAX=nvfp4_w4a4,
-        EVEN_K=size % block_k == 0, SCALE_WORDS=scale_words(size, block_k, spec.group_size, gate_up_scales),
-        BLOCK_K=block_k, FMA_DIVISION=on_gpu, **kernel_args,
+        FMA_DIVISION=on_gpu, **_tile_args(cfg.gate_up, size, spec.group_size, gate_up_scales), **kernel_args,
     )
     if nvfp4_w4a4:
         # The intermediate's global scale needs its amax over every row first: a pass of its own.
         intermediate, x_global_scale = fp4_fake_quantize(intermediate, fmt, None, dot_dtype, finite_amax=amax)
     slot_out = torch.empty((slots, size), dtype=torch.float32, device=hidden.device)
     weights = topk_weights.reshape(-1).contiguous()
-    block_k = cfg.down_block_k
-    _down_kernel[(triton.cdiv(size, cfg.block_n), tiles)](
+    _down_kernel[(triton.cdiv(size, cfg.down.block_n), tiles)](
         intermediate, slot_of_row, counts, ids, weights, down_packed, down_scales, down_global_scale,
         x_global_scale, down_bias.contiguous() if down_bias is not None else amax, slot_out,
         rows, size, inter, inter // 2, inter // spec.group_size, experts,
-        HAS_BIAS=down_bias is not None, HAS_X_SCALE=nvfp4_w4a4, EVEN_K=inter % block_k == 0,
-        SCALE_WORDS=scale_words(inter, block_k, spec.group_size, down_scales), BLOCK_K=block_k, **kernel_args,
+        HAS_BIAS=down_bias is not None, HAS_X_SCALE=nvfp4_w4a4, **_tile_args(cfg.down, inter, spec.group_size, down_scales),
+        **kernel_args,
     )
     return combine_slots(slot_out, topk_ids, experts, hidden.dtype)
