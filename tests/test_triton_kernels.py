@@ -167,6 +167,23 @@ def test_stream_k_partitions_sum_every_unit_once(fmt: str, m: int, n: int, k: in
     assert torch.equal(y, fp4_gemm(x, w.packed, w.scales, w.global_scale, bias, fmt, torch.float32, config))
 
 
+@pytest.mark.parametrize("tiles,k_tiles", [(448, 16), (64, 16), (7, 3), (12, 5), (100, 1), (3, 40)])
+@pytest.mark.parametrize("programs", [1, 4, 7, 64, 528])
+def test_only_partitions_that_share_a_tile_use_the_arrival_counters(tiles: int, k_tiles: int, programs: int):
+    """``splits_a_tile`` against the kernel's own partition (``_first_unit``): a tile is shared
+    when some program starts inside it (every run of units is contiguous). It must never miss
+    one, and must see that whole tiles per program (decode's one program per tile) share none."""
+    from fp4compile.kernels.triton.gemm import _programs, splits_a_tile
+
+    for p in {programs, _programs(tiles, k_tiles, programs)}:
+        units = tiles * k_tiles
+        starts = [(q * units + p - 1) // p for q in range(p)]  # _first_unit, in integers
+        shared = any(start % k_tiles for start in starts if start < units)
+        assert splits_a_tile(units, p, k_tiles) >= shared, (tiles, k_tiles, p)
+        if tiles % p == 0 or k_tiles == 1:
+            assert not splits_a_tile(units, p, k_tiles), (tiles, k_tiles, p)
+
+
 @pytest.mark.parametrize("m", [5, 130])  # 130: on the GPU the dequantize + cuBLAS path
 @pytest.mark.parametrize("scale_shape", [(), (1,)])
 def test_w4a4_linear_with_a_static_activation_scale(m: int, scale_shape: tuple, rng: torch.Generator):
@@ -250,6 +267,39 @@ def test_cuda_ops_run_the_kernels_without_host_syncs(act_mode: str):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(y, expected)
+
+
+@pytest.mark.cuda
+def test_captured_split_k_gemms_use_their_layers_counters(monkeypatch):
+    """In a CUDA graph, a layer called before the capture runs on its own counters, made and zeroed
+    then (no zeroing inside the graph); a layer first called during the capture zeroes fresh ones
+    in the graph. Replayed with new activations, both give the eager results, and leave every
+    counter reset."""
+    from fp4compile.kernels.triton import gemm
+
+    monkeypatch.setattr(gemm, "_LAYER_COUNTERS", {})  # no counters left from other tests' weights
+    warmed, fresh = (quantize(torch.randn(4096, 4096, device="cuda"), "nvfp4") for _ in range(2))
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def call(w):
+        return gemm.fp4_gemm(x, w.packed, w.scales, w.global_scale, None, "nvfp4", torch.bfloat16)
+
+    call(warmed)  # 64 output tiles, K split over several programs each: counters are used
+    counters = gemm._LAYER_COUNTERS[(x.device, warmed.packed.data_ptr())]
+    given = []
+    split_counters = gemm._split_counters
+    monkeypatch.setattr(gemm, "_split_counters", lambda *args: given.append(split_counters(*args)) or given[-1])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = (call(warmed), call(fresh))
+    monkeypatch.setattr(gemm, "_split_counters", split_counters)
+    assert given[0] is counters and (x.device, fresh.packed.data_ptr()) not in gemm._LAYER_COUNTERS
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert all(torch.equal(y, call(w)) for y, w in zip(captured, (warmed, fresh)))
+    assert gemm._LAYER_COUNTERS[(x.device, warmed.packed.data_ptr())] is counters
+    assert not counters.any()
 
 
 @triton.jit

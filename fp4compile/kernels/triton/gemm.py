@@ -326,6 +326,15 @@ def _programs(tiles: int, k_tiles: int, wanted: int) -> int:
     return tiles * splits
 
 
+def splits_a_tile(units: int, programs: int, k_tiles: int) -> bool:
+    """Whether the stream-K partition of ``units`` (output tiles x ``k_tiles``) over ``programs``
+    gives some output tile to several programs, which then add up through the arrival counters.
+    When every program's first unit starts a tile and each owns whole tiles (as with one program per
+    tile), no tile is shared: no counters, so no zeroing of them (a memset node per call in a CUDA
+    graph). Conservative: an uneven share may still happen to end on tile boundaries."""
+    return k_tiles > 1 and (units % programs != 0 or (units // programs) % k_tiles != 0)
+
+
 @functools.cache
 def has_bf16x2_multiply(device: torch.device) -> bool:
     """Whether the inline-asm decode can run (``mul.rn.bf16x2``: sm_90 and up); older GPUs decode
@@ -334,19 +343,31 @@ def has_bf16x2_multiply(device: torch.device) -> bool:
 
 
 _SPLIT_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+_LAYER_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def _split_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, one per output tile.
+def _split_counters(device: torch.device, tiles: int, layer: torch.Tensor) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one per output tile. Every launch leaves them zero again (the
+    last program of a tile resets its counter), so they are allocated and zeroed once, not per call.
 
-    Outside CUDA-graph capture they are kept per (device, stream) and reused: every launch leaves
-    them zero again (the last program of a tile resets its counter), and kernels on one stream run
-    in order, so they are allocated once, not per call. During a capture they are allocated per
-    call (a memset node in the graph): counters kept across captures could be first used by a
-    graph whose replay comes before the one that captured their zeroing."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(tiles, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    - Outside CUDA-graph capture: kept per (device, stream), since kernels on one stream run in
+      order. Each call also makes sure that the layer (its weight, ``layer``) has counters of its
+      own, for a later capture.
+    - During a capture: the layer's own counters, made by an earlier uncaptured call (CUDA-graph
+      trees and ``torch.cuda.graph`` warm up first, and synchronize the device before capturing, so
+      their zeroing is done). Per layer, not per stream: a graph may be replayed on any stream, and
+      the zeroing must not be a node of the graph (it cost 1.3-1.6 us per GEMM in a replay,
+      ``benchmarks/RESULTS.md``). So one layer's GEMMs must not run on two streams at once, as for
+      any per-layer workspace (Marlin's locks in vLLM, for one). A layer first called during a
+      capture gets counters allocated and zeroed in the graph (a memset node), as before."""
+    on_gpu = device.type == "cuda"
+    layer_key = (device, layer.data_ptr())
+    kept = _LAYER_COUNTERS.get(layer_key)
+    if on_gpu and torch.cuda.is_current_stream_capturing():
+        return kept if kept is not None and kept.numel() >= tiles else torch.zeros(tiles, dtype=torch.int32, device=device)
+    if on_gpu and (kept is None or kept.numel() < tiles):
+        _LAYER_COUNTERS[layer_key] = _long_lived_empty(max(tiles, 256), device).zero_()
+    stream = torch.cuda.current_stream(device).stream_id if on_gpu else 0
     counters = _SPLIT_COUNTERS.get((device, stream))
     if counters is None or counters.numel() < tiles:
         # A smaller predecessor is freed on its own stream: kernels queued on it finish first.
@@ -409,7 +430,10 @@ def fp4_gemm(
     units = tiles * k_tiles
     programs = _programs(tiles, k_tiles, cfg.programs_per_sm * _multiprocessors(a.device))
     partial = torch.empty((programs * 2, cfg.block_m, cfg.block_n), dtype=torch.float32, device=a.device)
-    counters = _split_counters(a.device, tiles)
+    if splits_a_tile(units, programs, k_tiles):
+        counters = _split_counters(a.device, tiles, w_packed)
+    else:  # never read: every output tile is one program's
+        counters = torch.empty(1, dtype=torch.int32, device=a.device)
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS
     has_x_scale = spec is not MXFP4 and a_global_scale is not None
     _fp4_gemm_kernel[(programs,)](
