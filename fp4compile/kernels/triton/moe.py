@@ -243,7 +243,7 @@ def choose_moe_config(tokens: int, top_k: int, experts: int, hidden: int, inter:
     """Tiles by the average rows per expert, from sweeps on an H100 (``benchmarks/tune_moe.py``,
     RESULTS.md). Decode (direct slots, or at most 16 rows per expert): 16-row tiles over 32 or 64
     columns, long K tiles of 2-4 warps (a masked tail beats shorter tiles: gpt-oss's K = 2880 runs
-    256-wide tiles 18-37% faster than the 64 that divide it), the gate/up GEMM on 32 columns, the
+    256-wide tiles in 16-22% less time than the 64 that divide it), the gate/up GEMM on 32 columns, the
     down GEMM as measured best for each; scale words for MXFP4 only. Prefill: 128x128 tiles with 8
     warps (9% faster than 64x64 at 4096 tokens). Splitting K at decode was measured and dropped."""
     rows_per_expert = tokens * top_k / experts
