@@ -94,7 +94,11 @@ def test_hopper_linear_meets_the_scaled_mm_contract(monkeypatch, rng, cached_wei
 
 
 @pytest.mark.parametrize("activation", ["silu", "clamped_swiglu"])
-def test_hopper_moe_meets_the_scaled_grouped_mm_contract(monkeypatch, rng, activation):
+@pytest.mark.parametrize("chunk", [None, 32])  # None: rows converted in one chunk; 32: the hidden rows in two
+def test_hopper_moe_meets_the_scaled_grouped_mm_contract(monkeypatch, rng, activation, chunk):
+    if chunk:
+        from fp4compile.kernels.triton import fp8
+        monkeypatch.setattr(fp8, "_row_launch", lambda k: (chunk, 4))
     calls = []
     monkeypatch.setattr(torch, "_scaled_grouped_mm", scaled_grouped_mm_stand_in(calls), raising=False)
     tokens, experts, top_k, hidden, inter = 6, 4, 2, 64, 32

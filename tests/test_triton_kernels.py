@@ -415,9 +415,15 @@ def decode_e4m3_bytes(q: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("spread", [10.0, 40.0])
-def test_fp8_activation_conversion_is_exact_within_2_pow_14_of_the_row_maximum(spread: float, rng: torch.Generator):
+@pytest.mark.parametrize("chunk", [None, 64])  # None: the row in one chunk; 64: three, the last one masked
+def test_fp8_activation_conversion_is_exact_within_2_pow_14_of_the_row_maximum(
+    spread: float, chunk: int | None, rng: torch.Generator, monkeypatch: pytest.MonkeyPatch
+):
+    from fp4compile.kernels.triton import fp8
     from fp4compile.kernels.triton.fp8 import mxfp4_activation_to_fp8
 
+    if chunk:
+        monkeypatch.setattr(fp8, "_row_launch", lambda k: (chunk, 4))
     x = mxfp4_rows(5, 160, rng, spread).to(DEVICE)
     x[2, 7] = float("nan")
     q, row_scale = mxfp4_activation_to_fp8(x)
@@ -440,9 +446,14 @@ def test_fp8_activation_conversion_is_exact_within_2_pow_14_of_the_row_maximum(s
         assert (error <= row_max * 2.0**-9).all()
 
 
-def test_fp8_weight_conversion_and_linear(rng: torch.Generator):
+@pytest.mark.parametrize("tile", [None, (8, 64)])  # (rows, K tile) per program; 64: three K tiles, the last masked
+def test_fp8_weight_conversion_and_linear(tile: tuple[int, int] | None, rng: torch.Generator,
+                                          monkeypatch: pytest.MonkeyPatch):
+    from fp4compile.kernels.triton import fp8
     from fp4compile.kernels.triton.fp8 import fp8_linear, mxfp4_weight_to_fp8
 
+    if tile:
+        monkeypatch.setattr(fp8, "_weight_launch", lambda k: (*tile, 4))
     w = quantize(mxfp4_rows(48, 160, rng, 10.0).to(DEVICE), "mxfp4", scale_rule="optimal")
     q, row_scale = mxfp4_weight_to_fp8(w.packed, w.scales)
     torch.testing.assert_close(decode_e4m3_bytes(q) * row_scale.cpu()[:, None], dequantize(w).cpu(), rtol=0, atol=0)

@@ -63,7 +63,8 @@ def _source_chunk(src_ptr, source_row, ks, K, stride_src, bias_ptr, expert, swig
 def _rows_to_fp8_kernel(src_ptr, q_ptr, row_scale_ptr, K, stride_src,
                         slot_of_row_ptr, routed_rows_ptr, row_of_slot_ptr, ids_ptr, bias_ptr, swiglu_alpha,
                         swiglu_limit, TOP_K: tl.constexpr, ROUTED: tl.constexpr, SWIGLU: tl.constexpr,
-                        CLAMPED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, HW_CVT: tl.constexpr):
+                        CLAMPED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                        HW_CVT: tl.constexpr):
     """One row: MXFP4-quantize it (spec rule, bit for bit ``formats.quantize_mxfp4``) and write
     the e4m3 bytes of ``e2m1 * 2**(s - B + 6)`` and the row scale ``2**(B - 6)``.
 
@@ -89,36 +90,59 @@ def _rows_to_fp8_kernel(src_ptr, q_ptr, row_scale_ptr, K, stride_src,
         if not SWIGLU:
             source_row = slot // TOP_K
             tl.store(row_of_slot_ptr + slot, row)
-    GROUPS: tl.constexpr = BLOCK_K // 32
-    largest = tl.zeros((BLOCK_K,), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        x = _source_chunk(src_ptr, source_row, k0 + tl.arange(0, BLOCK_K), K, stride_src, bias_ptr, expert,
-                          swiglu_alpha, swiglu_limit, SWIGLU, CLAMPED, HAS_BIAS)
-        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        largest = tl.maximum(largest, tl.where(bits < 0x7F800000, bits, 0))  # finite values only
-    base = mxfp4_spec_exponent(tl.max(largest, axis=0))
-    tl.store(row_scale_ptr + row, exp2_int(base - E4M3_HEADROOM))
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+    if ONE_CHUNK:  # the row fits one chunk: read it once, keep it in registers for both steps
+        ks = tl.arange(0, BLOCK_K)
         x = _source_chunk(src_ptr, source_row, ks, K, stride_src, bias_ptr, expert, swiglu_alpha, swiglu_limit,
                           SWIGLU, CLAMPED, HAS_BIAS)
-        blocks = tl.reshape(x, (GROUPS, 32))
-        block_bits = tl.max(blocks.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
-        exponent = mxfp4_spec_exponent(block_bits)
-        # x * 2**-e is x / 2**e exactly (e <= 125 for finite x, so 2**-e is a normal float).
-        rounded = round_to_e2m1(blocks * exp2_int(-exponent)[:, None])
-        values = rounded * exp2_int(exponent - base + E4M3_HEADROOM)[:, None]
-        values = tl.where((block_bits >= 0x7F800000)[:, None], float("nan"), values)
-        tl.store(q_ptr + row * K + ks, tl.reshape(_to_e4m3_bytes(values, HW_CVT), (BLOCK_K,)), mask=ks < K)
+        base = mxfp4_spec_exponent(tl.max(_finite_magnitude_bits(x), axis=0))
+        tl.store(row_scale_ptr + row, exp2_int(base - E4M3_HEADROOM))
+        _store_e4m3_chunk(x, base, q_ptr + row * K, ks, K, BLOCK_K, HW_CVT)
+    else:
+        largest = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            x = _source_chunk(src_ptr, source_row, k0 + tl.arange(0, BLOCK_K), K, stride_src, bias_ptr, expert,
+                              swiglu_alpha, swiglu_limit, SWIGLU, CLAMPED, HAS_BIAS)
+            largest = tl.maximum(largest, _finite_magnitude_bits(x))
+        base = mxfp4_spec_exponent(tl.max(largest, axis=0))
+        tl.store(row_scale_ptr + row, exp2_int(base - E4M3_HEADROOM))
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = _source_chunk(src_ptr, source_row, ks, K, stride_src, bias_ptr, expert, swiglu_alpha, swiglu_limit,
+                              SWIGLU, CLAMPED, HAS_BIAS)
+            _store_e4m3_chunk(x, base, q_ptr + row * K, ks, K, BLOCK_K, HW_CVT)
+
+
+@triton.jit
+def _finite_magnitude_bits(x):
+    """int32 bits of |x| where x is finite, else 0 (ordered like the magnitudes)."""
+    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.where(bits < 0x7F800000, bits, 0)
+
+
+@triton.jit
+def _store_e4m3_chunk(x, base, q_row_ptr, ks, K, BLOCK_K: tl.constexpr, HW_CVT: tl.constexpr):
+    """MXFP4-quantize the float32 chunk ``x`` (columns ``ks`` of a row whose largest group exponent is
+    ``base``) and store the e4m3 bytes of ``e2m1 * 2**(s - base + 6)``."""
+    GROUPS: tl.constexpr = BLOCK_K // 32
+    blocks = tl.reshape(x, (GROUPS, 32))
+    block_bits = tl.max(blocks.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=1)
+    exponent = mxfp4_spec_exponent(block_bits)
+    # x * 2**-e is x / 2**e exactly (e <= 125 for finite x, so 2**-e is a normal float).
+    rounded = round_to_e2m1(blocks * exp2_int(-exponent)[:, None])
+    values = rounded * exp2_int(exponent - base + E4M3_HEADROOM)[:, None]
+    values = tl.where((block_bits >= 0x7F800000)[:, None], float("nan"), values)
+    tl.store(q_row_ptr + ks, tl.reshape(_to_e4m3_bytes(values, HW_CVT), (BLOCK_K,)), mask=ks < K)
 
 
 @triton.jit
 def _weight_to_fp8_kernel(packed_ptr, scales_ptr, q_ptr, row_scale_ptr, N, K,
                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_CHUNK: tl.constexpr,
                           HW_CVT: tl.constexpr):
-    """A (BLOCK_R, BLOCK_K) tile of a canonical MXFP4 weight -> e4m3 bytes of ``e2m1 * 2**(s - B + 6)``;
-    ``B``, the largest biased e8m0 byte of the row, comes from the row's scales (re-read by each K
-    tile, 1/16 of the packed bytes); the first K tile also writes the row scale ``2**(B - 133)``."""
+    """``BLOCK_R`` whole rows of a canonical MXFP4 weight -> e4m3 bytes of ``e2m1 * 2**(s - B + 6)``
+    and the row scales ``2**(B - 133)``, where ``B`` is the row's largest biased e8m0 byte. Whole
+    rows, so each row's scales are read once for ``B`` (a program per K tile had re-read them,
+    up to 1.75 times a tile's packed bytes on long rows: 1.45x the copy time, against 0.99x now;
+    ``benchmarks/RESULTS.md``)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rows = tl.minimum(rows, N - 1)  # rows past N redo row N - 1: same values, never out of bounds
     GROUPS: tl.constexpr = BLOCK_K // 32
@@ -128,21 +152,20 @@ def _weight_to_fp8_kernel(packed_ptr, scales_ptr, q_ptr, row_scale_ptr, N, K,
         s = tl.load(scales_ptr + rows[:, None] * (K // 32) + groups[None, :], mask=groups[None, :] < K // 32, other=0)
         largest = tl.maximum(largest, s.to(tl.int32))
     base = tl.max(largest, axis=1)
-    if tl.program_id(1) == 0:
-        tl.store(row_scale_ptr + rows, exp2_int(tl.minimum(base, 254) - 127 - E4M3_HEADROOM))
-    k0 = tl.program_id(1) * BLOCK_K
-    pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    packed = tl.load(packed_ptr + rows[:, None] * (K // 2) + pairs[None, :], mask=pairs[None, :] < K // 2, other=0)
-    packed = packed.to(tl.int32)
-    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_R, GROUPS, 32))
-    groups = k0 // 32 + tl.arange(0, GROUPS)
-    s = tl.load(scales_ptr + rows[:, None] * (K // 32) + groups[None, :], mask=groups[None, :] < K // 32, other=0)
-    s = s.to(tl.int32)
-    values = decode_e2m1(codes) * exp2_int(s - base[:, None] + E4M3_HEADROOM)[:, :, None]
-    values = tl.where((s == 255)[:, :, None], float("nan"), values)
-    ks = k0 + tl.arange(0, BLOCK_K)
-    tl.store(q_ptr + rows[:, None] * K + ks[None, :], tl.reshape(_to_e4m3_bytes(values, HW_CVT), (BLOCK_R, BLOCK_K)),
-             mask=ks[None, :] < K)
+    tl.store(row_scale_ptr + rows, exp2_int(tl.minimum(base, 254) - 127 - E4M3_HEADROOM))
+    for k0 in range(0, K, BLOCK_K):
+        pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        packed = tl.load(packed_ptr + rows[:, None] * (K // 2) + pairs[None, :], mask=pairs[None, :] < K // 2,
+                         other=0).to(tl.int32)
+        codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (BLOCK_R, GROUPS, 32))
+        groups = k0 // 32 + tl.arange(0, GROUPS)
+        s = tl.load(scales_ptr + rows[:, None] * (K // 32) + groups[None, :], mask=groups[None, :] < K // 32,
+                    other=0).to(tl.int32)
+        values = decode_e2m1(codes) * exp2_int(s - base[:, None] + E4M3_HEADROOM)[:, :, None]
+        values = tl.where((s == 255)[:, :, None], float("nan"), values)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        tl.store(q_ptr + rows[:, None] * K + ks[None, :],
+                 tl.reshape(_to_e4m3_bytes(values, HW_CVT), (BLOCK_R, BLOCK_K)), mask=ks[None, :] < K)
 
 
 @triton.jit
@@ -187,8 +210,19 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, alpha_ptr, bias_ptr
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def _conversion_block_k(k: int) -> int:
-    return min(1024, max(32, triton.next_power_of_2(k)))
+def _row_launch(k: int) -> tuple[int, int]:
+    """(BLOCK_K, num_warps) of ``_rows_to_fp8_kernel`` for rows of K values: a row of up to 16384
+    values in one chunk (read once), 32 per thread; longer rows in chunks of 8192, 16 per thread.
+    The best of a sweep at K from 768 to 28672 on the H100: 0.94-1.36x the copy time of the
+    bytes moved, where chunks of 1024 with 4 warps took 1.19-1.56x (``benchmarks/RESULTS.md``)."""
+    block_k = max(32, triton.next_power_of_2(k))
+    return (block_k, max(1, block_k // 1024)) if block_k <= 16384 else (8192, 16)
+
+
+def _weight_launch(k: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_K, num_warps) of ``_weight_to_fp8_kernel``: 4 rows a program, K tiles of up
+    to 2048 (the best of a sweep over the 12 linear shapes on the H100)."""
+    return 4, min(2048, max(32, triton.next_power_of_2(k))), 4
 
 
 def mxfp4_activation_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,9 +233,10 @@ def mxfp4_activation_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     q = torch.empty((m, k), dtype=torch.uint8, device=x.device)
     row_scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m:
+        block_k, warps = _row_launch(k)
         _rows_to_fp8_kernel[(m,)](x, q, row_scale, k, x.stride(0), x, x, x, x, x, 0.0, 0.0, TOP_K=1, ROUTED=False,
-                                  SWIGLU=False, CLAMPED=False, HAS_BIAS=False, BLOCK_K=_conversion_block_k(k),
-                                  HW_CVT=x.device.type == "cuda")
+                                  SWIGLU=False, CLAMPED=False, HAS_BIAS=False, BLOCK_K=block_k, ONE_CHUNK=k <= block_k,
+                                  HW_CVT=x.device.type == "cuda", num_warps=warps)
     return q, row_scale
 
 
@@ -228,12 +263,14 @@ def mxfp4_routed_rows_to_fp8(
     row_scale = torch.empty((rows,), dtype=torch.float32, device=source.device)
     activation, alpha, limit = swiglu or ("silu", 0.0, 0.0)
     if rows:
+        block_k, warps = _row_launch(k)
         _rows_to_fp8_kernel[(rows,)](
             source, q, row_scale, k, source.stride(0), slot_of_row, routed_rows,
             row_of_slot if row_of_slot is not None else slot_of_row, topk_ids,
             gate_up_bias if gate_up_bias is not None else source, float(alpha), float(limit),
             TOP_K=topk_ids.shape[1], ROUTED=True, SWIGLU=swiglu is not None, CLAMPED=activation == "clamped_swiglu",
-            HAS_BIAS=gate_up_bias is not None, BLOCK_K=_conversion_block_k(k), HW_CVT=source.device.type == "cuda",
+            HAS_BIAS=gate_up_bias is not None, BLOCK_K=block_k, ONE_CHUNK=k <= block_k,
+            HW_CVT=source.device.type == "cuda", num_warps=warps,
         )
     return q, row_scale
 
@@ -244,11 +281,11 @@ def mxfp4_weight_to_fp8(packed: torch.Tensor, scales: torch.Tensor) -> tuple[tor
     check_offsets(n, k)
     q = torch.empty((n, k), dtype=torch.uint8, device=packed.device)
     row_scale = torch.empty((n,), dtype=torch.float32, device=packed.device)
-    block_k = min(512, max(32, triton.next_power_of_2(k)))
+    block_r, block_k, warps = _weight_launch(k)
     scale_chunk = min(128, triton.next_power_of_2(k // 32))
-    _weight_to_fp8_kernel[(triton.cdiv(n, 16), triton.cdiv(k, block_k))](
-        packed, scales, q, row_scale, n, k, BLOCK_R=16, BLOCK_K=block_k, SCALE_CHUNK=scale_chunk,
-        HW_CVT=packed.device.type == "cuda",
+    _weight_to_fp8_kernel[(triton.cdiv(n, block_r),)](
+        packed, scales, q, row_scale, n, k, BLOCK_R=block_r, BLOCK_K=block_k, SCALE_CHUNK=scale_chunk,
+        HW_CVT=packed.device.type == "cuda", num_warps=warps,
     )
     return q, row_scale
 
