@@ -82,35 +82,49 @@ def test_moe_kernels_with_every_tile_height_and_masked_k(block_m, tokens, rng):
     assert relative_error(y, ref) < 1e-5
 
 
-@pytest.mark.parametrize("fmt,act_mode", [("mxfp4", "none"), ("nvfp4", "fp4")])
-def test_moe_kernels_at_decode_sizes_with_and_without_dispatch(fmt, act_mode, monkeypatch, rng):
+# The last two numbers: launches of the quantize kernel with direct slots and with rows grouped by
+# expert. Direct slots quantize inside the GEMMs: the hidden states (NVFP4: bf16 ones, whose amax
+# every program takes itself) and NVFP4's intermediate.
+@pytest.mark.parametrize("fmt,act_mode,hidden_dtype,direct_quantizes,grouped_quantizes", [
+    ("mxfp4", "none", torch.float32, 0, 0),
+    ("mxfp4", "fp4", torch.bfloat16, 0, 1),
+    ("nvfp4", "fp4", torch.bfloat16, 0, 2),
+    ("nvfp4", "fp4", torch.float32, 1, 2),
+])
+def test_moe_kernels_at_decode_sizes_with_and_without_dispatch(fmt, act_mode, hidden_dtype, direct_quantizes,
+                                                               grouped_quantizes, monkeypatch, rng):
     """Direct slots (each M tile one slot, no dispatch) give the bits of rows grouped by expert,
     slots routed nowhere (ids -1 and E) included; a second call gives the same again."""
     if DEVICE != "cpu":
         pytest.skip("interpreter test")
     gate_up, down, _ = experts(6, 64, 32, fmt, rng, bias=False)
-    hidden = torch.randn(5, 64, generator=rng)
+    hidden = torch.randn(5, 64, generator=rng).to(hidden_dtype)
     ids, weights = routing(5, 6, 3, rng)  # 15 slots; ids[1, 0] = 6 routes nowhere
     ids[3, 2] = -1
     ids[4] = torch.tensor([-1, 6, -1])  # a token routed nowhere at all: zeros
     outputs = {}
     config = moe_kernels.choose_moe_config(5, 3, 6, 64, 32, fmt)  # the same tiles either way: the same sums
+    fake_quantize = moe_kernels.fp4_fake_quantize
     for direct in (True, False, True):
-        dispatches = []
+        dispatches, quantizes = [], []
         monkeypatch.setattr(moe_kernels, "use_direct_slots", lambda *shape: direct)
         monkeypatch.setattr(moe_kernels, "dispatch_tokens", lambda *args: dispatches.append(args) or
                             dispatch_tokens(*args))
+        monkeypatch.setattr(moe_kernels, "fp4_fake_quantize", lambda *args, **kwargs: quantizes.append(args) or
+                            fake_quantize(*args, **kwargs))
         y = moe_kernels.fp4_moe(hidden, ids, weights, gate_up.packed, gate_up.scales, gate_up.global_scale,
                                 down.packed, down.scales, down.global_scale, None, None, fmt, act_mode, "silu", 1.0, 1.0,
                                 config=config)
         assert len(dispatches) == (0 if direct else 1)
+        assert len(quantizes) == (direct_quantizes if direct else grouped_quantizes)
         if direct in outputs:
             assert torch.equal(y, outputs[direct])
         outputs[direct] = y
     assert torch.equal(outputs[True], outputs[False])
     ref = moe_reference(hidden, ids, weights, gate_up, down, None, None, act_mode, "silu", 1.0, 1.0)
-    assert relative_error(outputs[True], ref) < (1e-5 if act_mode == "none" else 1e-3)
-    assert torch.equal(outputs[True][4], torch.zeros(64))
+    tolerance = 1e-2 if hidden_dtype == torch.bfloat16 else 1e-5 if act_mode == "none" else 1e-3  # bf16 outputs
+    assert relative_error(outputs[True], ref) < tolerance
+    assert torch.equal(outputs[True][4], torch.zeros(64, dtype=hidden_dtype))
 
 
 @pytest.mark.parametrize("tokens", [1, 6])
@@ -137,6 +151,26 @@ def test_moe_config_by_rows_per_expert():
     assert gpt_oss.gate_up.block_k == 256  # masked tail: 2880 = 11 * 256 + 64
     prefill = moe_kernels.choose_moe_config(4096, 4, 128, 2880, 2880, "mxfp4")
     assert prefill.block_m == 128 and prefill.gate_up == moe_kernels.GemmTiles(128, 64, 8)  # 64 divides 2880
+
+
+@pytest.mark.parametrize("model,fmt,expected", [
+    ("qwen3-30b-a3b", "mxfp4", (True, False)),  # MXFP4's intermediate is quantized by the gate/up epilogue
+    ("qwen3-30b-a3b", "nvfp4", (True, True)),
+    ("deepseek-v3", "mxfp4", (True, False)),
+    ("deepseek-v3", "nvfp4", (False, True)),  # hidden 7168: too long for NVFP4
+    ("mixtral-8x7b", "mxfp4", (True, False)),
+    ("mixtral-8x7b", "nvfp4", (False, False)),  # intermediate 14336
+    ("gpt-oss-120b", "mxfp4", (False, False)),  # 2880: K tiles of 256 with a masked tail
+    ("gpt-oss-120b", "nvfp4", (False, False)),
+])
+def test_w4a4_quantizes_inside_the_gemms_where_measured_faster(model, fmt, expected):
+    shape = MOE_SHAPES[model]
+    config = moe_kernels.choose_moe_config(1, shape["top_k"], shape["E"], shape["H"], shape["I"], fmt)
+    decide = moe_kernels.quantize_in_gemms
+    assert decide(True, fmt == "mxfp4", True, shape["H"], shape["I"], config) == expected
+    assert decide(False, fmt == "mxfp4", True, shape["H"], shape["I"], config) == (False, False)  # not direct, or W4A16
+    if fmt == "nvfp4":  # hidden states whose amax each program cannot take itself
+        assert decide(True, False, False, shape["H"], shape["I"], config)[0] is False
 
 
 def test_direct_slots_at_one_token_and_where_experts_rarely_repeat():
@@ -200,12 +234,13 @@ def test_moe_kernels_on_gpu_at_real_sizes(model, fmt, act_mode, rng):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("act_mode", ["none", "fp4"])
-def test_moe_kernels_replay_in_a_cuda_graph_without_host_syncs(act_mode, rng):
+@pytest.mark.parametrize("tokens", [1, 8])  # 1: direct slots, W4A4 quantized inside the GEMMs
+def test_moe_kernels_replay_in_a_cuda_graph_without_host_syncs(act_mode, tokens, rng):
     """Captured once, replayed with new hidden states and new routing: the same result as an
     eager call (no shape or launch depends on the routing)."""
     gate_up, down, _ = experts(32, 512, 256, "nvfp4", rng, bias=False)
-    hidden = torch.randn(8, 512, generator=rng).to(torch.bfloat16).to(DEVICE)
-    ids, weights = routing(8, 32, 4, rng, unrouted=False)
+    hidden = torch.randn(tokens, 512, generator=rng).to(torch.bfloat16).to(DEVICE)
+    ids, weights = routing(tokens, 32, 4, rng, unrouted=False)
 
     def call():
         return moe_kernels.fp4_moe(hidden, ids, weights, gate_up.packed, gate_up.scales, gate_up.global_scale,
@@ -221,8 +256,8 @@ def test_moe_kernels_replay_in_a_cuda_graph_without_host_syncs(act_mode, rng):
             captured = call()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    new_ids, new_weights = routing(8, 32, 4, rng, unrouted=True)
-    hidden.copy_(torch.randn(8, 512, generator=rng).to(torch.bfloat16))
+    new_ids, new_weights = routing(tokens, 32, 4, rng, unrouted=True)
+    hidden.copy_(torch.randn(tokens, 512, generator=rng).to(torch.bfloat16))
     ids.copy_(new_ids)
     weights.copy_(new_weights)
     graph.replay()

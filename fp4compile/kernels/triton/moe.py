@@ -19,7 +19,10 @@ each M tile then one slot); then
    (deterministic, unlike atomics into the output), cast to the hidden states' dtype once.
 
 W4A4 quantizes the hidden states first (``fp4_fake_quantize``, once per token rather than once
-per chosen expert). Numerics follow the linear kernels: float32 accumulation, W4A16 activations
+per chosen expert), except at direct slots where measured faster (``quantize_in_gemms``): there
+each GEMM program quantizes its one slot's row itself (the hidden states in the gate/up GEMM,
+NVFP4's intermediate in the down GEMM, its global scale from the gate/up programs' partial
+maxima), which saves the launches and the amax's zeroing. Numerics follow the linear kernels: float32 accumulation, W4A16 activations
 and intermediate in bf16. Measured choices (split-K at decode, swapped dots at prefill: both
 slower) are in ``benchmarks/RESULTS.md``.
 """
@@ -37,7 +40,7 @@ from .gemm import (
     weight_tile,
 )
 from .moe_dispatch import dispatch_tokens, tile_rows
-from .quantize import fake_quantize_tile, finite_amax, fp4_fake_quantize
+from .quantize import activation_global_scale, fake_quantize_tile, finite_amax, fp4_fake_quantize, in_program_amax
 
 
 @triton.jit
@@ -52,21 +55,48 @@ def swiglu_tile(gate, up, CLAMPED: tl.constexpr, alpha, limit):
 
 
 @triton.jit
+def slot_row_tile(row_ptr, k0, K, gs, GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, FMA_DIVISION: tl.constexpr,
+                  EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """A direct slot's activation tile, fake-quantized here (W4A4): columns [k0, k0 + BLOCK_K) of
+    the row at ``row_ptr`` quantized (``fake_quantize_tile``, global scale ``gs``: the GEMM's alpha
+    carries it) as row 0 of a (BLOCK_M, BLOCK_K) tile, the tile's other rows zero. Only the one
+    row is quantized; each program of the GEMM repeats it, which costs less at one token than a
+    launch of the quantize kernel before the GEMM."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        row = tl.load(row_ptr + ks[None, :]).to(tl.float32)
+    else:
+        row = tl.load(row_ptr + ks[None, :], mask=ks[None, :] < K, other=0.0).to(tl.float32)
+    values = fake_quantize_tile(row, gs, GROUP, IS_MXFP4, FMA_DIVISION, 1, BLOCK_K)
+    return tl.where((tl.arange(0, BLOCK_M) == 0)[:, None], values, 0.0).to(DOT_DTYPE)
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, slot_of_row_ptr, counts_ptr, ids_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr, out_ptr, amax_ptr,
     TOKENS, INTER, K, HALF_K, K_GROUPS, stride_xm, EXPERTS, swiglu_alpha, swiglu_limit,
     TOP_K: tl.constexpr, CLAMPED: tl.constexpr, GROUP: tl.constexpr, IS_MXFP4: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr, QUANTIZE_OUT: tl.constexpr, TRACK_AMAX: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr, QUANTIZE_X: tl.constexpr, QUANTIZE_OUT: tl.constexpr,
+    TRACK_AMAX: tl.constexpr, AMAX_PARTIALS: tl.constexpr, AMAX_TILE_M: tl.constexpr, AMAX_TILE_K: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EXPERTS_POW2: tl.constexpr, DIRECT: tl.constexpr, USE_ASM: tl.constexpr,
     DOT_DTYPE: tl.constexpr, FMA_DIVISION: tl.constexpr,
 ):
     """intermediate[rows, cols] = act(gate, up) of one expert's M tile; program (N tile, M tile).
-    ``QUANTIZE_OUT`` (MXFP4 W4A4): stored as its fp4 values (the groups of 32 lie within the
-    tile); ``TRACK_AMAX`` (NVFP4 W4A4): stored as float32, its finite amax into ``amax_ptr``."""
+
+    ``QUANTIZE_X`` (W4A4, direct slots): the hidden states arrive unquantized and each program
+    quantizes its slot's row (``slot_row_tile``); NVFP4's global scale then comes from the finite
+    amax of all of x, which each program takes itself (``activation_global_scale``, tiles of
+    AMAX_TILE_M x AMAX_TILE_K). ``QUANTIZE_OUT`` (MXFP4 W4A4): the intermediate is stored as its
+    fp4 values (the groups of 32 lie within the tile). ``TRACK_AMAX`` (NVFP4 W4A4): stored as
+    float32, and its finite amax goes into ``amax_ptr`` (an atomic max), or with
+    ``AMAX_PARTIALS`` one partial maximum per program (no zeroed accumulator)."""
     expert, rows, routed, slots = tile_rows(tl.program_id(1), counts_ptr, slot_of_row_ptr, ids_ptr, EXPERTS, BLOCK_M,
                                             EXPERTS_POW2, DIRECT)
+    partial_ptr = amax_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     if expert >= EXPERTS:
+        if TRACK_AMAX and AMAX_PARTIALS:
+            tl.store(partial_ptr, 0.0)
         return
     tokens = tl.where(routed, slots // TOP_K, TOKENS)  # TOKENS: a row that reads as zeros
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -80,17 +110,28 @@ def _gate_up_kernel(
     else:
         gate_exponent = 0
         up_exponent = 0
+    x_gs = 1.0
+    if QUANTIZE_X and not IS_MXFP4:
+        x_gs = activation_global_scale(x_gs_ptr, x_gs_ptr, 1, x_ptr, TOKENS, K, stride_xm, "x", 1, AMAX_TILE_M,
+                                       AMAX_TILE_K)
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = activation_tile(x_ptr, tokens, k0, TOKENS, K, stride_xm, EVEN_K, BLOCK_K, DOT_DTYPE)
+        if QUANTIZE_X:
+            x = slot_row_tile(x_ptr + (tl.program_id(1) // TOP_K) * stride_xm, k0, K, x_gs, GROUP, IS_MXFP4,
+                              FMA_DIVISION, EVEN_K, BLOCK_M, BLOCK_K, DOT_DTYPE)
+        else:
+            x = activation_tile(x_ptr, tokens, k0, TOKENS, K, stride_xm, EVEN_K, BLOCK_K, DOT_DTYPE)
         w_even, w_odd = weight_tile(w_ptr, s_ptr, gate_rows, gate_exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4,
                                     EVEN_K, SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
         acc_gate = dot_even_odd(acc_gate, x, w_even, w_odd, BLOCK_M, BLOCK_K)
         w_even, w_odd = weight_tile(w_ptr, s_ptr, up_rows, up_exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4,
                                     EVEN_K, SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
         acc_up = dot_even_odd(acc_up, x, w_even, w_odd, BLOCK_M, BLOCK_K)
-    alpha = global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
+    if QUANTIZE_X:
+        alpha = tl.load(w_gs_ptr) * x_gs
+    else:
+        alpha = global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
     gate = undo_decode_factor(acc_gate, gate_exponent, IS_MXFP4) * alpha
     up = undo_decode_factor(acc_up, up_exponent, IS_MXFP4) * alpha
     if HAS_BIAS:
@@ -103,19 +144,26 @@ def _gate_up_kernel(
     mask = routed[:, None] & (cols[None, :] < INTER)
     tl.store(out_ptr + rows[:, None] * INTER + cols[None, :], act.to(out_ptr.dtype.element_ty), mask=mask)
     if TRACK_AMAX:
-        tl.atomic_max(amax_ptr, finite_amax(tl.where(mask, act, 0.0)))
+        if AMAX_PARTIALS:
+            tl.store(partial_ptr, finite_amax(tl.where(mask, act, 0.0)))
+        else:
+            tl.atomic_max(amax_ptr, finite_amax(tl.where(mask, act, 0.0)))
 
 
 @triton.jit
 def _down_kernel(
     x_ptr, slot_of_row_ptr, counts_ptr, ids_ptr, topk_weights_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr,
-    out_ptr, ROWS, N, K, HALF_K, K_GROUPS, EXPERTS,
+    out_ptr, amax_ptr, ROWS, N, K, HALF_K, K_GROUPS, EXPERTS, NUM_AMAX,
     GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr,
+    QUANTIZE_X: tl.constexpr, AMAX_BLOCK: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EXPERTS_POW2: tl.constexpr, DIRECT: tl.constexpr, USE_ASM: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, FMA_DIVISION: tl.constexpr,
 ):
-    """slot_out[slot, cols] = weight[slot] * (down(intermediate[row]) + bias) for one expert's M tile."""
+    """slot_out[slot, cols] = weight[slot] * (down(intermediate[row]) + bias) for one expert's M tile.
+    ``QUANTIZE_X`` (NVFP4 W4A4, direct slots): the intermediate is float32 and each program
+    quantizes its slot's row, with the global scale of the ``NUM_AMAX`` partial maxima at
+    ``amax_ptr`` (the gate/up GEMM's)."""
     expert, rows, routed, slots = tile_rows(tl.program_id(1), counts_ptr, slot_of_row_ptr, ids_ptr, EXPERTS, BLOCK_M,
                                             EXPERTS_POW2, DIRECT)
     if expert >= EXPERTS:
@@ -129,13 +177,24 @@ def _down_kernel(
         exponent = mx_row_exponent(s_ptr, w_rows, 0, K_GROUPS, K_GROUPS, BLOCK_N, SCALE_WORDS)
     else:
         exponent = 0
+    x_gs = 1.0
+    if QUANTIZE_X:
+        x_gs = activation_global_scale(x_gs_ptr, amax_ptr, NUM_AMAX, x_ptr, ROWS, K, K, "partials", AMAX_BLOCK, 1, 2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = activation_tile(x_ptr, x_rows, k0, ROWS, K, K, EVEN_K, BLOCK_K, DOT_DTYPE)
+        if QUANTIZE_X:
+            x = slot_row_tile(x_ptr + tl.program_id(1) * K, k0, K, x_gs, GROUP, IS_MXFP4, FMA_DIVISION, EVEN_K, BLOCK_M,
+                              BLOCK_K, DOT_DTYPE)
+        else:
+            x = activation_tile(x_ptr, x_rows, k0, ROWS, K, K, EVEN_K, BLOCK_K, DOT_DTYPE)
         w_even, w_odd = weight_tile(w_ptr, s_ptr, w_rows, exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4, EVEN_K,
                                     SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
         acc = dot_even_odd(acc, x, w_even, w_odd, BLOCK_M, BLOCK_K)
-    y = undo_decode_factor(acc, exponent, IS_MXFP4) * global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
+    if QUANTIZE_X:
+        alpha = tl.load(w_gs_ptr) * x_gs
+    else:
+        alpha = global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
+    y = undo_decode_factor(acc, exponent, IS_MXFP4) * alpha
     if HAS_BIAS:
         y += tl.load(bias_ptr + expert * N + w_rows).to(tl.float32)[None, :]
     y *= tl.load(topk_weights_ptr + slots, mask=routed, other=0.0).to(tl.float32)[:, None]
@@ -258,6 +317,29 @@ def choose_moe_config(tokens: int, top_k: int, experts: int, hidden: int, inter:
     return MoeConfig(128, GemmTiles(128, _block_k(hidden, widths), 8), GemmTiles(128, _block_k(inter, widths), 8))
 
 
+NVFP4_IN_GEMM_K = 2048
+"""NVFP4 rows up to this long are quantized inside the GEMMs at direct slots (``quantize_in_gemms``)."""
+
+
+def quantize_in_gemms(direct_w4a4: bool, mxfp4: bool, x_amax_in_program: bool, hidden: int, inter: int,
+                      cfg: MoeConfig) -> tuple[bool, bool]:
+    """Whether W4A4 at direct slots quantizes the hidden states (in the gate/up GEMM) and NVFP4's
+    intermediate (in the down GEMM) inside the GEMMs (``slot_row_tile``) rather than in launches
+    of their own (with, for the intermediate, a zeroed amax).
+
+    Every N-tile program repeats its row's quantization, so this pays where the launches it saves
+    cost more: measured on an H100 at one token (graph replays, ``benchmarks/RESULTS.md``), MXFP4's
+    hidden states gain 1.3-10.9 us on Qwen3-30B-A3B, Mixtral and DeepSeek-V3; NVFP4 (about 40
+    instructions per element, and the global scale's maxima) gains on rows of up to 2048 (Qwen3
+    4.2 us, DeepSeek-V3's intermediate 2.5 us) and loses on longer ones (Mixtral: 2.1 us on its
+    hidden states, 9.5 us on its 14336-wide intermediate); and rows whose K tiles end in a masked
+    tail (gpt-oss-120b's 2880) lose 6.6 us (MXFP4) to 13.4 us (NVFP4's intermediate). NVFP4's hidden
+    states also need their amax taken by every program (``x_amax_in_program``)."""
+    hidden_fits = direct_w4a4 and hidden % cfg.gate_up.block_k == 0
+    inter_fits = direct_w4a4 and not mxfp4 and inter % cfg.down.block_k == 0 and inter <= NVFP4_IN_GEMM_K
+    return hidden_fits and (mxfp4 or (x_amax_in_program and hidden <= NVFP4_IN_GEMM_K)), inter_fits
+
+
 def _tile_args(tiles: GemmTiles, k: int, group: int, scales: torch.Tensor) -> dict:
     """One grouped GEMM's tile constants and launch options, for a K of ``k``."""
     return dict(BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, EVEN_K=k % tiles.block_k == 0, num_warps=tiles.num_warps,
@@ -309,39 +391,49 @@ def fp4_moe(
     dot_dtype = torch.bfloat16 if on_gpu else torch.float32
     kernel_args = dict(EXPERTS_POW2=experts_pow2, DIRECT=direct, USE_ASM=on_gpu and has_bf16x2_multiply(hidden.device),
                        DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32, BLOCK_M=cfg.block_m,
-                       GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, num_stages=cfg.num_stages)
+                       GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, FMA_DIVISION=on_gpu, num_stages=cfg.num_stages)
     w4a4 = act_mode == "fp4"
     if w4a4 and spec is MXFP4 and cfg.gate_up.block_n % spec.group_size:
         raise ValueError(f"MXFP4 W4A4 quantizes the intermediate in tiles of block_n columns, which must hold whole "
                          f"groups of {spec.group_size}; got the gate/up GEMM's block_n={cfg.gate_up.block_n}")
     nvfp4_w4a4 = w4a4 and spec is not MXFP4  # activations carry a global scale
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
+    amax_tiles = in_program_amax(x) if nvfp4_w4a4 else (1, 2)
+    quantize_x, quantize_intermediate = quantize_in_gemms(
+        direct and w4a4, spec is MXFP4, amax_tiles is not None, size, inter, cfg)
     x_global_scale = gate_up_global_scale  # not read unless nvfp4_w4a4
-    if w4a4:
+    if w4a4 and not quantize_x:
         x, gs = fp4_fake_quantize(x, fmt, None, dot_dtype)
         x_global_scale = x_global_scale if gs is None else gs
-    amax = torch.zeros((), dtype=torch.float32, device=hidden.device) if nvfp4_w4a4 else x_global_scale
+    gate_up_grid = (triton.cdiv(inter, cfg.gate_up.block_n), tiles)
+    if quantize_intermediate:
+        amax = torch.empty(gate_up_grid[0] * gate_up_grid[1], dtype=torch.float32, device=hidden.device)
+    else:
+        amax = torch.zeros((), dtype=torch.float32, device=hidden.device) if nvfp4_w4a4 else gate_up_global_scale
     gate_up_packed, gate_up_scales = gate_up_packed.contiguous(), gate_up_scales.contiguous()
     down_packed, down_scales = down_packed.contiguous(), down_scales.contiguous()
     intermediate = torch.empty((rows, inter), dtype=torch.float32 if nvfp4_w4a4 else dot_dtype, device=hidden.device)
-    _gate_up_kernel[(triton.cdiv(inter, cfg.gate_up.block_n), tiles)](
+    _gate_up_kernel[gate_up_grid](
         x, slot_of_row, counts, ids, gate_up_packed, gate_up_scales, gate_up_global_scale,
         x_global_scale, gate_up_bias.contiguous() if gate_up_bias is not None else amax, intermediate, amax,
         tokens, inter, size, size // 2, size // spec.group_size, x.stride(0), experts, float(alpha), float(limit),
         TOP_K=top_k, CLAMPED=activation == "clamped_swiglu", HAS_BIAS=gate_up_bias is not None,
-        HAS_X_SCALE=nvfp4_w4a4, QUANTIZE_OUT=w4a4 and spec is MXFP4, TRACK_AMAX=nvfp4_w4a4,
-        FMA_DIVISION=on_gpu, **_tile_args(cfg.gate_up, size, spec.group_size, gate_up_scales), **kernel_args,
+        HAS_X_SCALE=nvfp4_w4a4, QUANTIZE_X=quantize_x, QUANTIZE_OUT=w4a4 and spec is MXFP4, TRACK_AMAX=nvfp4_w4a4,
+        AMAX_PARTIALS=quantize_intermediate, AMAX_TILE_M=amax_tiles[0] if quantize_x else 1,
+        AMAX_TILE_K=amax_tiles[1] if quantize_x else 2,
+        **_tile_args(cfg.gate_up, size, spec.group_size, gate_up_scales), **kernel_args,
     )
-    if nvfp4_w4a4:
+    if nvfp4_w4a4 and not quantize_intermediate:
         # The intermediate's global scale needs its amax over every row first: a pass of its own.
         intermediate, x_global_scale = fp4_fake_quantize(intermediate, fmt, None, dot_dtype, finite_amax=amax)
     slot_out = torch.empty((slots, size), dtype=torch.float32, device=hidden.device)
     weights = topk_weights.reshape(-1).contiguous()
     _down_kernel[(triton.cdiv(size, cfg.down.block_n), tiles)](
         intermediate, slot_of_row, counts, ids, weights, down_packed, down_scales, down_global_scale,
-        x_global_scale, down_bias.contiguous() if down_bias is not None else amax, slot_out,
-        rows, size, inter, inter // 2, inter // spec.group_size, experts,
-        HAS_BIAS=down_bias is not None, HAS_X_SCALE=nvfp4_w4a4, **_tile_args(cfg.down, inter, spec.group_size, down_scales),
-        **kernel_args,
+        x_global_scale, down_bias.contiguous() if down_bias is not None else amax, slot_out, amax,
+        rows, size, inter, inter // 2, inter // spec.group_size, experts, amax.numel(),
+        HAS_BIAS=down_bias is not None, HAS_X_SCALE=nvfp4_w4a4, QUANTIZE_X=quantize_intermediate,
+        AMAX_BLOCK=triton.next_power_of_2(amax.numel()) if quantize_intermediate else 1,
+        **_tile_args(cfg.down, inter, spec.group_size, down_scales), **kernel_args,
     )
     return combine_slots(slot_out, topk_ids, experts, hidden.dtype)

@@ -252,6 +252,17 @@ def _reads_bf16_words(rows: torch.Tensor) -> bool:
             and rows.data_ptr() % 4 == 0)
 
 
+def in_program_amax(rows: torch.Tensor) -> tuple[int, int] | None:
+    """The (AMAX_TILE_M, AMAX_TILE_K) tiles in which a kernel's every program can take the finite amax
+    of all of ``rows`` (M, K) itself (``activation_global_scale``'s "x" source), or None where
+    that costs more than a launch of the amax kernel (see ``IN_PROGRAM_AMAX_ELEMENTS``)."""
+    m, k = rows.shape
+    if not _reads_bf16_words(rows) or m * k > IN_PROGRAM_AMAX_ELEMENTS:
+        return None
+    tile_m = min(16, triton.next_power_of_2(m))
+    return tile_m, max(2, min(AMAX_TILE_ELEMENTS // tile_m, triton.next_power_of_2(k)))
+
+
 def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values_dtype: torch.dtype | None,
             finite_amax: torch.Tensor | None = None):
     """Run the kernels on x viewed as (M, K); returns (packed, scales, values, global scale).
@@ -284,11 +295,12 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
     if m == 0:
         return packed, scales, values, gs.fill_(1.0) if dynamic else gs
     bf16_words = _reads_bf16_words(rows)
+    amax_tiles = in_program_amax(rows)
     if not dynamic:
         source, amax = "given", None
     elif finite_amax is not None:
         source, amax = "partials", finite_amax.reshape(1)
-    elif bf16_words and m * k <= IN_PROGRAM_AMAX_ELEMENTS:
+    elif amax_tiles:
         source, amax = "x", None
     else:
         source, amax = "partials", finite_amax_partials(rows)
@@ -300,8 +312,7 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
     num_amax = amax.numel() if amax is not None else 1
     # The in-program amax's tiles (constants of the kernel: fixed unless used, so that other
     # sources do not compile a variant per M).
-    amax_tile_m = min(16, triton.next_power_of_2(m)) if source == "x" else 1
-    amax_tile_k = max(2, min(AMAX_TILE_ELEMENTS // amax_tile_m, triton.next_power_of_2(k))) if source == "x" else 2
+    amax_tile_m, amax_tile_k = amax_tiles if source == "x" else (1, 2)
     _quantize_kernel[grid](
         rows, packed, scales, values, gs if gs is not None else values, amax if amax is not None else values, m, k,
         rows.stride(0), num_amax, GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, GS_SOURCE=source,
