@@ -94,14 +94,14 @@ def test_hopper_linear_meets_the_scaled_mm_contract(monkeypatch, rng, cached_wei
 
 
 @pytest.mark.parametrize("activation", ["silu", "clamped_swiglu"])
-@pytest.mark.parametrize("chunk", [None, 32])  # None: rows converted in one chunk; 32: the hidden rows in two
+@pytest.mark.parametrize("chunk", [None, 32])  # None: rows converted in one chunk; 32: in two (hidden and intermediate)
 def test_hopper_moe_meets_the_scaled_grouped_mm_contract(monkeypatch, rng, activation, chunk):
     if chunk:
         from fp4compile.kernels.triton import fp8
         monkeypatch.setattr(fp8, "_row_launch", lambda k: (chunk, 4))
     calls = []
     monkeypatch.setattr(torch, "_scaled_grouped_mm", scaled_grouped_mm_stand_in(calls), raising=False)
-    tokens, experts, top_k, hidden, inter = 6, 4, 2, 64, 32
+    tokens, experts, top_k, hidden, inter = 6, 4, 2, 64, 64
     ids = torch.stack([torch.randperm(experts, generator=rng)[:top_k] for _ in range(tokens)])
     ids[1, 0] = experts  # routed nowhere: contributes nothing
     weights = torch.randn(tokens, top_k, generator=rng).softmax(-1)

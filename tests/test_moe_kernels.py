@@ -88,6 +88,7 @@ def test_moe_kernels_with_every_tile_height_and_masked_k(block_m, tokens, rng):
 @pytest.mark.parametrize("fmt,act_mode,hidden_dtype,direct_quantizes,grouped_quantizes", [
     ("mxfp4", "none", torch.float32, 0, 0),
     ("mxfp4", "fp4", torch.bfloat16, 0, 1),
+    ("mxfp4", "fp4", torch.float32, 0, 1),
     ("nvfp4", "fp4", torch.bfloat16, 0, 2),
     ("nvfp4", "fp4", torch.float32, 1, 2),
 ])
@@ -105,6 +106,8 @@ def test_moe_kernels_at_decode_sizes_with_and_without_dispatch(fmt, act_mode, hi
     outputs = {}
     config = moe_kernels.choose_moe_config(5, 3, 6, 64, 32, fmt)  # the same tiles either way: the same sums
     fake_quantize = moe_kernels.fp4_fake_quantize
+    # Partial maxima poisoned: a program that skipped writing its own would show.
+    monkeypatch.setattr(moe_kernels, "_partial_maxima", lambda n, device: torch.full((n,), 1e30, device=device))
     for direct in (True, False, True):
         dispatches, quantizes = [], []
         monkeypatch.setattr(moe_kernels, "use_direct_slots", lambda *shape: direct)
@@ -230,6 +233,29 @@ def test_moe_kernels_on_gpu_at_real_sizes(model, fmt, act_mode, rng):
         y, ref = run_both(tokens, weights, min(shape["top_k"], 8), fmt, act_mode,
                           "clamped_swiglu" if clamped else "silu", rng, hidden_dtype=torch.bfloat16)
         assert relative_error(y, ref) < 2e-2, f"{tokens} tokens"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_w4a4_quantized_in_the_gemms_gives_the_bits_of_separate_launches_on_gpu(fmt, monkeypatch, rng):
+    """One token, one of its slots routed nowhere: quantizing inside the GEMMs (bf16 tiles, FMA
+    division) gives the output of the separate quantize launches bit for bit."""
+    gate_up, down, _ = experts(16, 512, 256, fmt, rng, bias=False)
+    hidden = torch.randn(1, 512, generator=rng).to(torch.bfloat16).to(DEVICE)
+    ids, weights = routing(1, 16, 4, rng, unrouted=False)
+    ids[0, 1] = -1
+    decide = moe_kernels.quantize_in_gemms
+    outputs = []
+    for separate in (False, True):
+        if separate:
+            monkeypatch.setattr(moe_kernels, "quantize_in_gemms", lambda *args: (False, False))
+        else:
+            assert decide(True, fmt == "mxfp4", True, 512, 256, moe_kernels.choose_moe_config(1, 4, 16, 512, 256, fmt)) \
+                == (True, fmt == "nvfp4")
+        outputs.append(moe_kernels.fp4_moe(hidden, ids, weights, gate_up.packed, gate_up.scales, gate_up.global_scale,
+                                           down.packed, down.scales, down.global_scale, None, None, fmt, "fp4", "silu",
+                                           1.0, 1.0))
+    assert torch.equal(outputs[0], outputs[1])
 
 
 @pytest.mark.cuda

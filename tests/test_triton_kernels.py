@@ -454,11 +454,11 @@ def test_fp8_weight_conversion_and_linear(tile: tuple[int, int] | None, rng: tor
 
     if tile:
         monkeypatch.setattr(fp8, "_weight_launch", lambda k: (*tile, 4))
-    w = quantize(mxfp4_rows(48, 160, rng, 10.0).to(DEVICE), "mxfp4", scale_rule="optimal")
+    w = quantize(mxfp4_rows(50, 160, rng, 10.0).to(DEVICE), "mxfp4", scale_rule="optimal")  # 50: rows past N
     q, row_scale = mxfp4_weight_to_fp8(w.packed, w.scales)
     torch.testing.assert_close(decode_e4m3_bytes(q) * row_scale.cpu()[:, None], dequantize(w).cpu(), rtol=0, atol=0)
     x = torch.randn(5, 160, generator=rng).to(DEVICE)
-    bias = torch.randn(48, generator=rng).to(DEVICE)
+    bias = torch.randn(50, generator=rng).to(DEVICE)
     global_scale = torch.tensor(0.75, device=DEVICE)  # the op takes any weight global scale
     y = fp8_linear(x, w.packed, w.scales, global_scale, bias, torch.float32)
     ref = dequantize(quantize(x, "mxfp4"), torch.float64) @ (dequantize(w, torch.float64).T * 0.75) + bias.double()

@@ -12,7 +12,8 @@ each M tile then one slot); then
    epilogue also quantizes it (the groups of 32 lie within the tile; ``fake_quantize_tile``, bit
    for bit the reference quantizer). W4A4 NVFP4: its global scale needs the amax over every row
    first, so the epilogue stores float32 and takes the amax (an atomic max), and the quantize
-   kernel makes one pass with that amax.
+   kernel makes one pass with that amax (at direct slots: per-program partial maxima, and the
+   down GEMM quantizes; see below).
 2. ``_down_kernel``: the same over the intermediate rows; the epilogue applies alpha, the bias
    and the slot's routing weight and writes the slot's float32 output row.
 3. ``_combine_kernel``: each token's output is the sum of its slots' rows, in choice order
@@ -22,9 +23,9 @@ W4A4 quantizes the hidden states first (``fp4_fake_quantize``, once per token ra
 per chosen expert), except at direct slots where measured faster (``quantize_in_gemms``): there
 each GEMM program quantizes its one slot's row itself (the hidden states in the gate/up GEMM,
 NVFP4's intermediate in the down GEMM, its global scale from the gate/up programs' partial
-maxima), which saves the launches and the amax's zeroing. Numerics follow the linear kernels: float32 accumulation, W4A16 activations
-and intermediate in bf16. Measured choices (split-K at decode, swapped dots at prefill: both
-slower) are in ``benchmarks/RESULTS.md``.
+maxima), which saves the launches and the amax's zeroing. Numerics follow the linear kernels:
+float32 accumulation, W4A16 activations and intermediate in bf16. Measured choices (split-K at
+decode, swapped dots at prefill: both slower) are in ``benchmarks/RESULTS.md``.
 """
 
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ def _gate_up_kernel(
     fp4 values (the groups of 32 lie within the tile). ``TRACK_AMAX`` (NVFP4 W4A4): stored as
     float32, and its finite amax goes into ``amax_ptr`` (an atomic max), or with
     ``AMAX_PARTIALS`` one partial maximum per program (no zeroed accumulator)."""
+    tl.static_assert(DIRECT or not (QUANTIZE_X or AMAX_PARTIALS), "a slot's own row, or partials: direct slots only")
     expert, rows, routed, slots = tile_rows(tl.program_id(1), counts_ptr, slot_of_row_ptr, ids_ptr, EXPERTS, BLOCK_M,
                                             EXPERTS_POW2, DIRECT)
     partial_ptr = amax_ptr + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
@@ -164,6 +166,7 @@ def _down_kernel(
     ``QUANTIZE_X`` (NVFP4 W4A4, direct slots): the intermediate is float32 and each program
     quantizes its slot's row, with the global scale of the ``NUM_AMAX`` partial maxima at
     ``amax_ptr`` (the gate/up GEMM's)."""
+    tl.static_assert(DIRECT or not QUANTIZE_X, "a slot's own row: direct slots only")
     expert, rows, routed, slots = tile_rows(tl.program_id(1), counts_ptr, slot_of_row_ptr, ids_ptr, EXPERTS, BLOCK_M,
                                             EXPERTS_POW2, DIRECT)
     if expert >= EXPERTS:
@@ -346,6 +349,12 @@ def _tile_args(tiles: GemmTiles, k: int, group: int, scales: torch.Tensor) -> di
                 SCALE_WORDS=tiles.scale_words and scale_words(k, tiles.block_k, group, scales))
 
 
+def _partial_maxima(programs: int, device: torch.device) -> torch.Tensor:
+    """The gate/up GEMM's partial maxima, one per program: left uninitialized, since every program
+    writes its own (0 where its slot is routed nowhere)."""
+    return torch.empty(programs, dtype=torch.float32, device=device)
+
+
 def fp4_moe(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -407,7 +416,7 @@ def fp4_moe(
         x_global_scale = x_global_scale if gs is None else gs
     gate_up_grid = (triton.cdiv(inter, cfg.gate_up.block_n), tiles)
     if quantize_intermediate:
-        amax = torch.empty(gate_up_grid[0] * gate_up_grid[1], dtype=torch.float32, device=hidden.device)
+        amax = _partial_maxima(gate_up_grid[0] * gate_up_grid[1], hidden.device)
     else:
         amax = torch.zeros((), dtype=torch.float32, device=hidden.device) if nvfp4_w4a4 else gate_up_global_scale
     gate_up_packed, gate_up_scales = gate_up_packed.contiguous(), gate_up_scales.contiguous()
