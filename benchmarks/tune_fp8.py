@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import fp4compile  # noqa: F401
+from bench_moe import copy_bandwidth
 from fp4compile.formats import quantize
 from fp4compile.kernels.triton import fp8
 from timing import relative_error, rotation, time_ms
@@ -29,13 +30,6 @@ ROW_CANDIDATES = [(1024, 1), (1024, 4), (2048, 2), (2048, 4), (4096, 4), (4096, 
                   (16384, 16), (16384, 32)]  # (BLOCK_K, num_warps)
 WEIGHT_CANDIDATES = [(16, 512, 4), (8, 1024, 4), (4, 1024, 4), (2, 1024, 2), (4, 2048, 4), (8, 2048, 8),
                      (16, 1024, 8)]  # (BLOCK_R, BLOCK_K, num_warps)
-
-
-def copy_bandwidth() -> float:
-    """Bytes read plus written per second by a 1 GiB device copy."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (time_ms(lambda i: dst.copy_(src), 1, graph=True) * 1e-3)
 
 
 def sweep(name: str, launch: str, candidates: list[tuple], convert: Callable[[int], tuple], sets: int,

@@ -407,9 +407,10 @@ def fp4_moe(
                          f"groups of {spec.group_size}; got the gate/up GEMM's block_n={cfg.gate_up.block_n}")
     nvfp4_w4a4 = w4a4 and spec is not MXFP4  # activations carry a global scale
     x = hidden if hidden.stride(-1) == 1 else hidden.contiguous()
-    amax_tiles = in_program_amax(x) if nvfp4_w4a4 else (1, 2)
+    x_amax_tiles = in_program_amax(x) if nvfp4_w4a4 else None  # NVFP4's scale from x, in every program
     quantize_x, quantize_intermediate = quantize_in_gemms(
-        direct and w4a4, spec is MXFP4, amax_tiles is not None, size, inter, cfg)
+        direct and w4a4, spec is MXFP4, x_amax_tiles is not None, size, inter, cfg)
+    amax_tile_m, amax_tile_k = x_amax_tiles if quantize_x and x_amax_tiles else (1, 2)  # fixed unless used
     x_global_scale = gate_up_global_scale  # not read unless nvfp4_w4a4
     if w4a4 and not quantize_x:
         x, gs = fp4_fake_quantize(x, fmt, None, dot_dtype)
@@ -428,8 +429,7 @@ def fp4_moe(
         tokens, inter, size, size // 2, size // spec.group_size, x.stride(0), experts, float(alpha), float(limit),
         TOP_K=top_k, CLAMPED=activation == "clamped_swiglu", HAS_BIAS=gate_up_bias is not None,
         HAS_X_SCALE=nvfp4_w4a4, QUANTIZE_X=quantize_x, QUANTIZE_OUT=w4a4 and spec is MXFP4, TRACK_AMAX=nvfp4_w4a4,
-        AMAX_PARTIALS=quantize_intermediate, AMAX_TILE_M=amax_tiles[0] if quantize_x else 1,
-        AMAX_TILE_K=amax_tiles[1] if quantize_x else 2,
+        AMAX_PARTIALS=quantize_intermediate, AMAX_TILE_M=amax_tile_m, AMAX_TILE_K=amax_tile_k,
         **_tile_args(cfg.gate_up, size, spec.group_size, gate_up_scales), **kernel_args,
     )
     if nvfp4_w4a4 and not quantize_intermediate:
