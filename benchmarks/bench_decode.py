@@ -25,15 +25,24 @@ Per batch size:
   recording); at the first batch size it covers the prefill and decode graphs;
 - **logits err**: relative L2 of the first generated token's logits against the bf16 model's on
   the same prompt (same weights: every variant is built from the same seed);
+- **stop check** (``--stop-check``): ``sync``, transformers' default on CUDA, reads "are all
+  sequences done?" on the host after every step, so the host waits for each step's kernels
+  before it queues the next and its per-step time (HF's Python, guards, graph launch) adds to the
+  GPU's. ``deferred`` turns on transformers' own ``DeferredStopCheck`` for CUDA (5.17 enables it
+  on MPS only): the flag is read one step late, so the host queues step n+1 while the GPU runs
+  step n (the loop runs one step more and undoes it; the tokens are the same). Both bf16 and fp4
+  run with the chosen check, so the ratio compares like with like;
 - **weights GiB**: the bytes the model's weights occupy after compilation (fp4 codes, scales and
   global scales of quantized layers; everything else, e.g. the embeddings and the bf16 LM head,
   at its size), against bf16; **peak GiB**: ``max_memory_allocated`` (the most memory allocated
   at once) during the warm runs.
 
     python benchmarks/bench_decode.py --model llama3-8b [--batches 1,16] [--variants bf16,nvfp4-w4a16,...]
+        [--stop-check sync|deferred]
 """
 
 import argparse
+import contextlib
 import gc
 import statistics
 import time
@@ -109,16 +118,44 @@ def weight_bytes(model) -> int:
     return total
 
 
-def generate(model, prompt: torch.Tensor, new_tokens: int, cache_length: int):
-    """Seconds of one greedy ``generate`` of exactly ``new_tokens``, and the first token's logits."""
+@contextlib.contextmanager
+def deferred_stop_checks(device_type: str = "cuda"):
+    """transformers' ``DeferredStopCheck`` enabled for ``device_type`` (it is for MPS only), by
+    asking its own capability check as if the device were MPS; yields the number of decoding
+    loops that used it so far (a list of one int), for the caller to check it took effect."""
+    from transformers.generation import utils
+
+    check = utils.DeferredStopCheck
+    original_is_supported, original_init = check.__dict__["is_supported"], check.__init__
+    used = [0]
+
+    def is_supported(device, *args, **kwargs):
+        return original_is_supported.__func__(torch.device("mps") if device.type == device_type else device, *args,
+                                              **kwargs)
+
+    def init(self, *args, **kwargs):
+        used[0] += 1
+        original_init(self, *args, **kwargs)
+
+    check.is_supported, check.__init__ = staticmethod(is_supported), init
+    try:
+        yield used
+    finally:
+        check.is_supported, check.__init__ = original_is_supported, original_init
+
+
+def generate(model, prompt: torch.Tensor, new_tokens: int, cache_length: int, logits: bool = False):
+    """Greedy ``generate`` of exactly ``new_tokens``: its seconds, or (``logits``) the first new
+    token's logits. The cache is not returned (``return_dict_in_generate`` off), as a deferred stop
+    check needs for a static cache, which it cannot roll back."""
     torch.cuda.synchronize()
     start = time.perf_counter()
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
                          max_cache_len=cache_length, prefill_chunk_size=prompt.shape[1], disable_compile=True,
-                         pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+                         pad_token_id=0, return_dict_in_generate=logits, output_logits=logits)
     torch.cuda.synchronize()
-    return time.perf_counter() - start, out.logits[0].float()
+    return out.logits[0].float() if logits else time.perf_counter() - start
 
 
 def gpu_seconds(model, prompt: torch.Tensor, new_tokens: int, cache_length: int, kernels: int = 0) -> float:
@@ -147,12 +184,11 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -
         for batch in args.batches:
             prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt),
                                    generator=torch.Generator().manual_seed(batch)).cuda()
-            first, _ = generate(model, prompt, args.new, cache_length)
+            first = generate(model, prompt, args.new, cache_length)
             torch.cuda.reset_peak_memory_stats()
-            full = statistics.median(generate(model, prompt, args.new, cache_length)[0] for _ in range(REPEATS))
-            short_runs = [generate(model, prompt, 1, cache_length) for _ in range(REPEATS)]
-            short = statistics.median(t for t, _ in short_runs)
-            logits = short_runs[0][1]
+            full = statistics.median(generate(model, prompt, args.new, cache_length) for _ in range(REPEATS))
+            short = statistics.median(generate(model, prompt, 1, cache_length) for _ in range(REPEATS))
+            logits = generate(model, prompt, 1, cache_length, logits=True)
             if variant == "bf16":
                 reference_logits[batch] = logits
             error = ((logits - reference_logits[batch]).norm() / reference_logits[batch].norm()).item() \
@@ -178,7 +214,8 @@ def table(args, rows: list[Row]) -> str:
     """The markdown table of ``rows`` for RESULTS.md, with each ratio against bf16."""
     base = {r.batch: r for r in rows if r.variant == "bf16"}
     layers = f", {args.layers} of its layers" if args.layers else ""
-    lines = [f"{args.model}{layers}; prompt {args.prompt}, {args.new} new tokens; {torch.cuda.get_device_name()}",
+    lines = [f"{args.model}{layers}; prompt {args.prompt}, {args.new} new tokens; {args.stop_check} stop check; "
+             f"{torch.cuda.get_device_name()}",
              "",
              "| variant | batch | decode tok/s | vs bf16 | step ms | GPU ms | TTFT ms | compile s | logits err "
              "| weights GiB | peak GiB |",
@@ -201,6 +238,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--kernels", type=int, default=0, help="print the N costliest kernels of a 17-token generate")
+    parser.add_argument("--stop-check", choices=("sync", "deferred"), default="sync",
+                        help="how generate decides to stop (see the module docstring)")
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
@@ -209,9 +248,12 @@ def main() -> None:
         parser.error("the first variant must be bf16: every ratio and logits error is against it, in the same run")
     reference_logits: dict[int, torch.Tensor] = {}
     rows = []
-    for variant in args.variants:
-        print(f"{variant}:", flush=True)
-        rows += run_variant(args, variant, reference_logits)
+    with deferred_stop_checks() if args.stop_check == "deferred" else contextlib.nullcontext([None]) as used:
+        for variant in args.variants:
+            print(f"{variant}:", flush=True)
+            rows += run_variant(args, variant, reference_logits)
+    if used[0] == 0:
+        raise SystemExit("--stop-check deferred did not take effect: no generate used DeferredStopCheck")
     print(table(args, rows))
 
 

@@ -6,7 +6,9 @@ protocol, ../shared/BENCHMARKS.md): for each shape, cuBLAS bf16 (``F.linear``) o
 ``triton``, to ``cutlass`` (conversions per call), to ``cutlass`` with the compile-time e4m3
 weights of ``Fp4Config(fp8_weights=True)``, and left to ``auto`` (the chooser times triton and
 cutlass at its first call, into a fresh cache). Everything is timed as CUDA-graph replays, after
-a check against the fp64 reference. Prints a table per op, the geometric means of the ratio to
+a check against the fp64 reference, with a shape's columns interleaved (``timing.
+time_interleaved_ms``): ``auto`` runs the same kernels as one forced column, so their gap is
+within a few percent and must not be the GPU's drift between two timings. Prints a table per op, the geometric means of the ratio to
 bf16, and how much slower ``auto`` is than the best forced implementation.
 
     python benchmarks/bench_implementations.py [--m 16,128,4096] [--tokens 16,128,4096] [--skip-moe]
@@ -31,7 +33,7 @@ from fp4compile.formats.moe import moe_reference  # noqa: E402
 from fp4compile.kernels.cutlass.hopper import weight_to_e4m3  # noqa: E402
 from fp4compile.ops import chooser  # noqa: E402
 from bench_moe import quantize_experts  # noqa: E402
-from timing import geomean, relative_error, rotation, time_ms  # noqa: E402
+from timing import geomean, relative_error, rotation, time_interleaved_ms  # noqa: E402
 
 SHAPES = json.loads((Path(__file__).parent / "shapes.json").read_text())
 COLUMNS = ["triton", "cutlass", "cutlass+e4m3", "auto"]
@@ -69,7 +71,7 @@ def bench_linear(ms: list[int]) -> list[dict]:
             e4m3 = [weight_to_e4m3(q.packed, q.scales) for q in qs]
             for m in ms:
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                row = {"size": m, "base": time_ms(lambda i: F.linear(x, weights[i % len(weights)]), sets, True)}
+                timed = {"base": lambda i: F.linear(x, weights[i % len(weights)])}
                 ref = dequantize(quantize(x[:16], "mxfp4"), torch.float64) @ dequantize(qs[0], torch.float64).T
                 errors = {}
                 for column in COLUMNS:
@@ -82,7 +84,8 @@ def bench_linear(ms: list[int]) -> list[dict]:
 
                     errors[column] = relative_error(call(0)[:16], ref)
                     assert errors[column] < 1e-2, f"{column} M={m} {n}x{k}: relative error {errors[column]:.2e}"
-                    row[column] = time_ms(call, sets, True)
+                    timed[column] = call
+                row = {"size": m, **time_interleaved_ms(timed, sets)}
                 chosen = [name for key, name in next(iter(chooser.choices().values()), {}).items()
                           if f"N={n} K={k} M<={chooser.bucket(m)} " in key]
                 rows.append(row)
@@ -119,7 +122,7 @@ def bench_moe(token_counts: list[int]) -> list[dict]:
                 gate, up = torch._grouped_mm(sorted_hidden, gate_up_bf16.transpose(-2, -1), offs=ends).chunk(2, dim=-1)
                 return torch._grouped_mm(F.silu(gate) * up, down_bf16.transpose(-2, -1), offs=ends)
 
-            row = {"size": tokens, "base": time_ms(bf16_moe, 1, True)}
+            timed = {"base": bf16_moe}
             checked = min(tokens, 64)
             refs = [moe_reference(hidden[:checked], ids[:checked], weights[:checked], gate_up, down, None, None, "fp4",
                                   "silu", 1.0, 0.0, dtype).double() for dtype in (torch.float32, torch.bfloat16)]
@@ -135,7 +138,8 @@ def bench_moe(token_counts: list[int]) -> list[dict]:
                 y = call(0, rows=slice(0, checked))
                 errors[column] = [relative_error(y, ref) for ref in refs]
                 assert min(errors[column]) < 2e-2, f"{model} {column} T={tokens}: relative errors {errors[column]}"
-                row[column] = time_ms(call, 1, True)
+                timed[column] = call
+            row = {"size": tokens, **time_interleaved_ms(timed, 1)}
             rows.append(row)
             print_row([model, tokens, f"{row['base'] * 1e3:.1f}",
                        *(f"{row[c] * 1e3:.1f} ({row['base'] / row[c]:.2f}x)" for c in COLUMNS),

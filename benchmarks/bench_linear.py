@@ -26,6 +26,7 @@ import fp4compile  # noqa: F401  (registers torch.ops.fp4)
 from fp4compile.formats import dequantize, quantize
 from fp4compile.kernels.triton import fp4_quantize
 from fp4compile.kernels.triton.linear import kernel_for
+from fp4compile.kernels.triton.target import kernel_target
 from timing import geomean, relative_error, rotation, time_ms
 
 SHAPES = json.loads((Path(__file__).parent / "shapes.json").read_text())["linear"]
@@ -150,9 +151,9 @@ def main() -> None:
             del weights, quantized
     print("\nGeometric mean of the ratio to bf16 (>1: faster); kernel = what fp4::linear runs at that M")
     print("| M | timing | kernel (W4A16 / MXFP4 W4A4) | " + " | ".join(titles) + " |\n|---|---|---" + "|---" * len(columns) + "|")
+    target = kernel_target(torch.device("cuda"))
     for (m, timing), per in sorted(ratios.items()):
-        cuda = torch.device("cuda")
-        kernels = f"{kernel_for(m, 'nvfp4', 'none', cuda)} / {kernel_for(m, 'mxfp4', 'fp4', cuda)}"
+        kernels = f"{kernel_for(m, 'nvfp4', 'none', target)} / {kernel_for(m, 'mxfp4', 'fp4', target)}"
         print(f"| {m} | {timing} | {kernels} | " + " | ".join(f"{geomean(per[c]):.2f}x" for c in columns) + " |")
     if not args.skip_quantize:
         quantize_bandwidth()

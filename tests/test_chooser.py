@@ -135,9 +135,11 @@ def test_config_implementation_reaches_the_op_and_the_report():
     ((8, 0), "triton (M<=128 fp4-gemm, else dequantize+cublas)"),
 ])
 def test_report_names_the_candidates(monkeypatch, capability, expected):
+    from fp4compile.kernels.triton import target
     from fp4compile.ops.implementations import implementation_for
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(target, "_gpu", lambda device: target.KernelTarget(True, capability, 132))
     cuda = torch.device("cuda")
     assert implementation_for(cuda, "mxfp4", "fp4") == expected
     for fmt, act_mode in (("mxfp4", "none"), ("nvfp4", "fp4"), ("nvfp4", "none")):  # not exact in fp8

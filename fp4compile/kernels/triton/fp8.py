@@ -24,6 +24,7 @@ from .codecs import (
     check_offsets, decode_e2m1, e4m3_value, encode_e4m3, exp2_int, mxfp4_spec_exponent, round_to_e2m1,
 )
 from .moe import swiglu_tile
+from .target import kernel_target
 
 E4M3_HEADROOM = tl.constexpr(6)
 """The row's largest group maps to 2**6 times its e2m1 values: 6 * 2**6 = 384 <= 448."""
@@ -237,7 +238,7 @@ def mxfp4_activation_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         block_k, warps = _row_launch(k)
         _rows_to_fp8_kernel[(m,)](x, q, row_scale, k, x.stride(0), x, x, x, x, x, 0.0, 0.0, TOP_K=1, ROUTED=False,
                                   SWIGLU=False, CLAMPED=False, HAS_BIAS=False, BLOCK_K=block_k, ONE_CHUNK=k <= block_k,
-                                  HW_CVT=x.device.type == "cuda", num_warps=warps)
+                                  HW_CVT=kernel_target(x.device).compiled, num_warps=warps)
     return q, row_scale
 
 
@@ -271,7 +272,7 @@ def mxfp4_routed_rows_to_fp8(
             gate_up_bias if gate_up_bias is not None else source, float(alpha), float(limit),
             TOP_K=topk_ids.shape[1], ROUTED=True, SWIGLU=swiglu is not None, CLAMPED=activation == "clamped_swiglu",
             HAS_BIAS=gate_up_bias is not None, BLOCK_K=block_k, ONE_CHUNK=k <= block_k,
-            HW_CVT=source.device.type == "cuda", num_warps=warps,
+            HW_CVT=kernel_target(source.device).compiled, num_warps=warps,
         )
     return q, row_scale
 
@@ -286,7 +287,7 @@ def mxfp4_weight_to_fp8(packed: torch.Tensor, scales: torch.Tensor) -> tuple[tor
     scale_chunk = min(128, triton.next_power_of_2(k // 32))
     _weight_to_fp8_kernel[(triton.cdiv(n, block_r),)](
         packed, scales, q, row_scale, n, k, BLOCK_R=block_r, BLOCK_K=block_k, SCALE_CHUNK=scale_chunk,
-        HW_CVT=packed.device.type == "cuda", num_warps=warps,
+        HW_CVT=kernel_target(packed.device).compiled, num_warps=warps,
     )
     return q, row_scale
 
@@ -303,7 +304,7 @@ def fp8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, 
     a, a_scale = mxfp4_activation_to_fp8(x)
     b, b_scale = weight_e4m3 or mxfp4_weight_to_fp8(w_packed, w_scales)
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    on_gpu = x.device.type == "cuda"
+    on_gpu = kernel_target(x.device).compiled
     block_m, block_n, block_k = (128, 128, 128) if on_gpu else (16, 32, 32)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _fp8_gemm_kernel[grid](

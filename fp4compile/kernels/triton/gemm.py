@@ -30,7 +30,6 @@ float32 (``DOT_DTYPE``).
 """
 
 import concurrent.futures
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +38,7 @@ import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
 from .codecs import decode_e2m1_pairs, exp2_int
+from .target import kernel_target
 
 _TWO_POW_119 = tl.constexpr(2.0**119)
 
@@ -171,26 +171,25 @@ def _k_step(acc, x_ptr, w_ptr, s_ptr, rows, w_rows, exponent, k0, M, K, HALF_K, 
 
 
 @triton.jit
-def global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE: tl.constexpr):
-    """alpha = the weight's global scale, times the activation's (NVFP4 W4A4): multiplied here,
-    from device memory, rather than by a launch of its own before the GEMM."""
-    alpha = tl.load(w_gs_ptr)
+def given_global_scale(x_gs_ptr, HAS_X_SCALE: tl.constexpr):
+    """The activation's global scale from device memory (NVFP4 W4A4), else 1."""
     if HAS_X_SCALE:
-        alpha *= tl.load(x_gs_ptr)
-    return alpha
+        return tl.load(x_gs_ptr)
+    else:
+        return 1.0
 
 
 @triton.jit
 def output_alpha(w_gs_ptr, x_gs_ptr, cols, N, HAS_X_SCALE: tl.constexpr, ROW_SCALED: tl.constexpr):
-    """``global_alpha`` for the output columns ``cols``: a scalar, or (``ROW_SCALED``: a weight
-    fused from projections with their own global scales) one weight scale per column, (1, len)."""
+    """alpha for the output columns ``cols``: the weight's global scale times the activation's,
+    multiplied here from device memory rather than by a launch of its own before the GEMM. A
+    scalar, or (``ROW_SCALED``: a weight fused from projections with their own global scales) one
+    weight scale per column, (1, len)."""
     if ROW_SCALED:
         alpha = tl.load(w_gs_ptr + cols, mask=cols < N, other=0.0)[None, :]
     else:
         alpha = tl.load(w_gs_ptr)
-    if HAS_X_SCALE:
-        alpha *= tl.load(x_gs_ptr)
-    return alpha
+    return alpha * given_global_scale(x_gs_ptr, HAS_X_SCALE)
 
 
 @triton.jit
@@ -306,14 +305,6 @@ def scale_words(k: int, block_k: int, group: int, scales: torch.Tensor) -> bool:
     return k % block_k == 0 and block_k % (4 * group) == 0 and (k // group) % 4 == 0 and scales.data_ptr() % 4 == 0
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    """Multiprocessor count (a small number in the interpreter, which exercises split-K on tiny shapes)."""
-    if device.type != "cuda":
-        return 2
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _programs(tiles: int, k_tiles: int, wanted: int) -> int:
     """How many programs share the (tile, K tile) units. With fewer tiles than ``wanted``, K is
     split evenly: each program then owns one run of K tiles of one tile (one pipeline fill, as in
@@ -333,13 +324,6 @@ def splits_a_tile(units: int, programs: int, k_tiles: int) -> bool:
     tile), no tile is shared: no counters, so no zeroing of them (a memset node per call in a CUDA
     graph). Conservative: an uneven share may still happen to end on tile boundaries."""
     return k_tiles > 1 and (units % programs != 0 or (units // programs) % k_tiles != 0)
-
-
-@functools.cache
-def has_bf16x2_multiply(device: torch.device) -> bool:
-    """Whether the inline-asm decode can run (``mul.rn.bf16x2``: sm_90 and up); older GPUs decode
-    with the pure-Triton twin (float32 arithmetic, the same values)."""
-    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 _SPLIT_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -420,7 +404,7 @@ def fp4_gemm(
     n = w_packed.shape[0]
     spec = get_format(fmt)
     cfg = config or choose_config(m, n, k)
-    on_gpu = a.device.type == "cuda"
+    target = kernel_target(a.device)
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     # Scale bytes are read as 32-bit words when every K tile's are whole and aligned.
     words = scale_words(k, cfg.block_k, spec.group_size, w_scales)
@@ -428,7 +412,7 @@ def fp4_gemm(
     tiles = triton.cdiv(m, cfg.block_m) * tiles_n
     k_tiles = triton.cdiv(k, cfg.block_k)
     units = tiles * k_tiles
-    programs = _programs(tiles, k_tiles, cfg.programs_per_sm * _multiprocessors(a.device))
+    programs = _programs(tiles, k_tiles, cfg.programs_per_sm * target.multiprocessors)
     partial = torch.empty((programs * 2, cfg.block_m, cfg.block_n), dtype=torch.float32, device=a.device)
     if splits_a_tile(units, programs, k_tiles):
         counters = _split_counters(a.device, tiles, w_packed)
@@ -442,7 +426,7 @@ def fp4_gemm(
         GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, HAS_BIAS=bias is not None, HAS_X_SCALE=has_x_scale,
         ROW_SCALED=w_global_scale.numel() > 1, EVEN_K=k % cfg.block_k == 0, SCALE_WORDS=words,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_ASM=on_gpu and has_bf16x2_multiply(a.device), DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32,
+        USE_ASM=target.bf16x2_multiply, DOT_DTYPE=target.tl_dot_dtype,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

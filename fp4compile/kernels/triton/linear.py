@@ -21,6 +21,7 @@ from .dequantize import dequantize_linear
 from .fp8 import fp8_linear
 from .gemm import fp4_gemm
 from .quantize import fp4_fake_quantize
+from .target import KernelTarget, kernel_target
 
 LARGE_M = 128
 """Above this many rows the compute-bound paths (fp8, or dequantize + cuBLAS) take over: measured
@@ -29,15 +30,16 @@ faster at M=256, 512 and 4096 (``benchmarks/RESULTS.md``; between 128 and 256 no
 
 def kernel_plan(fmt: str, act_mode: str, device: torch.device) -> str:
     """Which kernel runs at which M for this format and mode on ``device`` (for the layer report)."""
-    return f"M<={LARGE_M} {kernel_for(1, fmt, act_mode, device)}, else {kernel_for(LARGE_M + 1, fmt, act_mode, device)}"
+    target = kernel_target(device)
+    return f"M<={LARGE_M} {kernel_for(1, fmt, act_mode, target)}, else {kernel_for(LARGE_M + 1, fmt, act_mode, target)}"
 
 
-def kernel_for(m: int, fmt: str, act_mode: str, device: torch.device) -> str:
-    """The kernel that ``fp4_linear`` runs for ``m`` rows on ``device``: fp8 needs fp8 tensor cores
-    (compute capability 8.9 and up)."""
-    if m <= LARGE_M:
+def kernel_for(m: int, fmt: str, act_mode: str, target: KernelTarget) -> str:
+    """The kernel that ``fp4_linear`` runs for ``m`` rows on ``target``: fp8 needs fp8 tensor cores
+    (compute capability 8.9 and up); the interpreter runs every M through the fp4 GEMM."""
+    if m <= LARGE_M or not target.compiled:
         return "fp4-gemm"
-    if get_format(fmt) is MXFP4 and act_mode == "fp4" and torch.cuda.get_device_capability(device) >= (8, 9):
+    if get_format(fmt) is MXFP4 and act_mode == "fp4" and target.fp8_tensor_cores:
         return "fp8"
     return "dequantize+cublas"
 
@@ -68,11 +70,12 @@ def fp4_linear(
     # The kernels index weights, scales and bias as dense row-major arrays (no copy when they are).
     w_packed, w_scales = w_packed.contiguous(), w_scales.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    kernel = kernel_for(m, fmt, act_mode, x.device) if x.device.type == "cuda" else "fp4-gemm"
+    target = kernel_target(x.device)
+    kernel = kernel_for(m, fmt, act_mode, target)
     if kernel == "fp8":
         return fp8_linear(rows, w_packed, w_scales, w_global_scale, bias, x.dtype, weight_e4m3).reshape(*lead, n)
     w_gs = w_global_scale.reshape(-1 if w_global_scale.numel() > 1 else ()).float()
-    dot_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
+    dot_dtype = target.dot_dtype
     a_gs = None
     if act_mode == "fp4":
         rows, a_gs = fp4_fake_quantize(rows, fmt, act_global_scale, dot_dtype)

@@ -37,11 +37,12 @@ import triton.language as tl
 from ...formats.spec import MXFP4, get_format
 from .codecs import check_offsets
 from .gemm import (
-    activation_tile, dot_even_odd, global_alpha, has_bf16x2_multiply, mx_row_exponent, scale_words, undo_decode_factor,
+    activation_tile, dot_even_odd, given_global_scale, mx_row_exponent, scale_words, undo_decode_factor,
     weight_tile,
 )
 from .moe_dispatch import dispatch_tokens, tile_rows
 from .quantize import activation_global_scale, fake_quantize_tile, finite_amax, fp4_fake_quantize, in_program_amax
+from .target import kernel_target
 
 
 @triton.jit
@@ -112,10 +113,11 @@ def _gate_up_kernel(
     else:
         gate_exponent = 0
         up_exponent = 0
-    x_gs = 1.0
     if QUANTIZE_X and not IS_MXFP4:
         x_gs = activation_global_scale(x_gs_ptr, x_gs_ptr, 1, x_ptr, TOKENS, K, stride_xm, "x", 1, AMAX_TILE_M,
                                        AMAX_TILE_K)
+    else:
+        x_gs = given_global_scale(x_gs_ptr, HAS_X_SCALE)
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -130,10 +132,7 @@ def _gate_up_kernel(
         w_even, w_odd = weight_tile(w_ptr, s_ptr, up_rows, up_exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4,
                                     EVEN_K, SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
         acc_up = dot_even_odd(acc_up, x, w_even, w_odd, BLOCK_M, BLOCK_K)
-    if QUANTIZE_X:
-        alpha = tl.load(w_gs_ptr) * x_gs
-    else:
-        alpha = global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
+    alpha = tl.load(w_gs_ptr) * x_gs
     gate = undo_decode_factor(acc_gate, gate_exponent, IS_MXFP4) * alpha
     up = undo_decode_factor(acc_up, up_exponent, IS_MXFP4) * alpha
     if HAS_BIAS:
@@ -180,9 +179,10 @@ def _down_kernel(
         exponent = mx_row_exponent(s_ptr, w_rows, 0, K_GROUPS, K_GROUPS, BLOCK_N, SCALE_WORDS)
     else:
         exponent = 0
-    x_gs = 1.0
     if QUANTIZE_X:
         x_gs = activation_global_scale(x_gs_ptr, amax_ptr, NUM_AMAX, x_ptr, ROWS, K, K, "partials", AMAX_BLOCK, 1, 2)
+    else:
+        x_gs = given_global_scale(x_gs_ptr, HAS_X_SCALE)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if QUANTIZE_X:
@@ -193,10 +193,7 @@ def _down_kernel(
         w_even, w_odd = weight_tile(w_ptr, s_ptr, w_rows, exponent, k0, HALF_K, K_GROUPS, GROUP, IS_MXFP4, EVEN_K,
                                     SCALE_WORDS, BLOCK_N, BLOCK_K, USE_ASM, DOT_DTYPE)
         acc = dot_even_odd(acc, x, w_even, w_odd, BLOCK_M, BLOCK_K)
-    if QUANTIZE_X:
-        alpha = tl.load(w_gs_ptr) * x_gs
-    else:
-        alpha = global_alpha(w_gs_ptr, x_gs_ptr, HAS_X_SCALE)
+    alpha = tl.load(w_gs_ptr) * x_gs
     y = undo_decode_factor(acc, exponent, IS_MXFP4) * alpha
     if HAS_BIAS:
         y += tl.load(bias_ptr + expert * N + w_rows).to(tl.float32)[None, :]
@@ -396,11 +393,11 @@ def fp4_moe(
         rows, tiles = slot_of_row.numel(), dispatch.tiles
     check_offsets(max(tokens, slots, rows), max(size, inter))
     check_offsets(two_inter, size // 2)
-    on_gpu = hidden.device.type == "cuda"
-    dot_dtype = torch.bfloat16 if on_gpu else torch.float32
-    kernel_args = dict(EXPERTS_POW2=experts_pow2, DIRECT=direct, USE_ASM=on_gpu and has_bf16x2_multiply(hidden.device),
-                       DOT_DTYPE=tl.bfloat16 if on_gpu else tl.float32, BLOCK_M=cfg.block_m,
-                       GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, FMA_DIVISION=on_gpu, num_stages=cfg.num_stages)
+    target = kernel_target(hidden.device)
+    dot_dtype = target.dot_dtype
+    kernel_args = dict(EXPERTS_POW2=experts_pow2, DIRECT=direct, USE_ASM=target.bf16x2_multiply,
+                       DOT_DTYPE=target.tl_dot_dtype, BLOCK_M=cfg.block_m, GROUP=spec.group_size,
+                       IS_MXFP4=spec is MXFP4, FMA_DIVISION=target.compiled, num_stages=cfg.num_stages)
     w4a4 = act_mode == "fp4"
     if w4a4 and spec is MXFP4 and cfg.gate_up.block_n % spec.group_size:
         raise ValueError(f"MXFP4 W4A4 quantizes the intermediate in tiles of block_n columns, which must hold whole "

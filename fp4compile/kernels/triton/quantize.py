@@ -16,6 +16,7 @@ from ...formats.spec import MXFP4, get_format
 from .codecs import (
     check_offsets, e4m3_value, e8m0_value, encode_e2m1, encode_e4m3, mxfp4_spec_exponent, round_to_e2m1,
 )
+from .target import kernel_target
 
 
 @triton.jit
@@ -318,7 +319,7 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
         rows.stride(0), num_amax, GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, GS_SOURCE=source,
         AMAX_BLOCK=AMAX_PROGRAMS if num_amax > 1 else 1, AMAX_TILE_M=amax_tile_m, AMAX_TILE_K=amax_tile_k,
         WRITE_VALUES=write_values, BLOCK_M=16, GROUPS_PER_PROGRAM=groups_per_program,
-        FMA_DIVISION=x.device.type == "cuda", BF16_WORDS=bf16_words,
+        FMA_DIVISION=kernel_target(x.device).compiled, BF16_WORDS=bf16_words,
     )
     return packed, scales, values, gs
 

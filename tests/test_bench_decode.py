@@ -1,0 +1,49 @@
+"""``benchmarks/bench_decode.py``'s deferred stop check: it takes effect and changes no token."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.generation.utils import DeferredStopCheck
+
+from tiny_models import tiny_llama
+
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_decode", Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode.py")
+bench_decode = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench_decode)
+CUDA = torch.device("cuda")  # a device object only: no GPU needed to ask about it
+
+
+class _StaticLikeCache:
+    is_croppable = False  # a static cache cannot be rolled back
+
+
+def test_deferred_stop_checks_apply_to_cuda_within_transformers_own_conditions():
+    assert not DeferredStopCheck.is_supported(CUDA, None, False, is_assistant=False)
+    with bench_decode.deferred_stop_checks():
+        assert DeferredStopCheck.is_supported(CUDA, None, False, is_assistant=False)
+        assert DeferredStopCheck.is_supported(CUDA, _StaticLikeCache(), False, is_assistant=False)
+        # transformers' own refusals stand: a returned cache it cannot roll back, assisted decoding
+        assert not DeferredStopCheck.is_supported(CUDA, _StaticLikeCache(), True, is_assistant=False)
+        assert not DeferredStopCheck.is_supported(CUDA, None, False, is_assistant=True)
+        assert not DeferredStopCheck.is_supported(torch.device("cpu"), None, False, is_assistant=False)
+    assert not DeferredStopCheck.is_supported(CUDA, None, False, is_assistant=False)
+
+
+@pytest.mark.cuda
+def test_deferred_stop_checks_keep_the_greedy_tokens():
+    model = tiny_llama().cuda()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def greedy() -> torch.Tensor:
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6,
+                              do_sample=False, cache_implementation="static", max_cache_len=16, pad_token_id=0)
+
+    with torch.no_grad():
+        expected = greedy()
+        with bench_decode.deferred_stop_checks() as used:
+            deferred = greedy()
+    assert used == [1]
+    assert torch.equal(deferred, expected)
