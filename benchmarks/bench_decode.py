@@ -30,8 +30,9 @@ Per batch size:
   before it queues the next and its per-step time (HF's Python, guards, graph launch) adds to the
   GPU's. ``deferred`` turns on transformers' own ``DeferredStopCheck`` for CUDA (5.17 enables it
   on MPS only): the flag is read one step late, so the host queues step n+1 while the GPU runs
-  step n (the loop runs one step more and undoes it; the tokens are the same). Both bf16 and fp4
-  run with the chosen check, so the ratio compares like with like;
+  step n. A sequence stopped by EOS would cost one more step, which transformers undoes; here
+  every sequence runs to its token count, so none is wasted. Every variant runs with the chosen
+  check (the run stops if one did not), so the ratio compares like with like;
 - **weights GiB**: the bytes the model's weights occupy after compilation (fp4 codes, scales and
   global scales of quantized layers; everything else, e.g. the embeddings and the bf16 LM head,
   at its size), against bf16; **peak GiB**: ``max_memory_allocated`` (the most memory allocated
@@ -125,7 +126,9 @@ def deferred_stop_checks(device_type: str = "cuda"):
     loops that used it so far (a list of one int), for the caller to check it took effect."""
     from transformers.generation import utils
 
-    check = utils.DeferredStopCheck
+    check = getattr(utils, "DeferredStopCheck", None)
+    if check is None:
+        raise SystemExit("--stop-check deferred needs transformers' DeferredStopCheck (transformers >= 5.17)")
     original_is_supported, original_init = check.__dict__["is_supported"], check.__init__
     used = [0]
 
@@ -169,8 +172,9 @@ def gpu_seconds(model, prompt: torch.Tensor, new_tokens: int, cache_length: int,
     return sum(event.self_device_time_total for event in events) / 1e6
 
 
-def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -> list[Row]:
-    """Build, compile and time one variant at every batch size; bf16 fills ``reference_logits``."""
+def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor], deferred: list[int] | None) -> list[Row]:
+    """Build, compile and time one variant at every batch size; bf16 fills ``reference_logits``.
+    ``deferred``: the count of ``deferred_stop_checks``, which each generate must raise."""
     model = build(args.model, args.layers)
     bf16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     config = VARIANTS[variant]
@@ -184,7 +188,10 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -
         for batch in args.batches:
             prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt),
                                    generator=torch.Generator().manual_seed(batch)).cuda()
+            used_before = deferred[0] if deferred else 0
             first = generate(model, prompt, args.new, cache_length)
+            if deferred is not None and deferred[0] == used_before:
+                raise SystemExit(f"{variant}: generate did not use the deferred stop check")
             torch.cuda.reset_peak_memory_stats()
             full = statistics.median(generate(model, prompt, args.new, cache_length) for _ in range(REPEATS))
             short = statistics.median(generate(model, prompt, 1, cache_length) for _ in range(REPEATS))
@@ -248,12 +255,10 @@ def main() -> None:
         parser.error("the first variant must be bf16: every ratio and logits error is against it, in the same run")
     reference_logits: dict[int, torch.Tensor] = {}
     rows = []
-    with deferred_stop_checks() if args.stop_check == "deferred" else contextlib.nullcontext([None]) as used:
+    with deferred_stop_checks() if args.stop_check == "deferred" else contextlib.nullcontext() as deferred:
         for variant in args.variants:
             print(f"{variant}:", flush=True)
-            rows += run_variant(args, variant, reference_logits)
-    if used[0] == 0:
-        raise SystemExit("--stop-check deferred did not take effect: no generate used DeferredStopCheck")
+            rows += run_variant(args, variant, reference_logits, deferred)
     print(table(args, rows))
 
 

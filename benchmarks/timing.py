@@ -56,7 +56,8 @@ def time_interleaved_ms(fns: dict[str, Callable[[int], object]], sets: int, roun
     drift: each is captured once, then timed in ``rounds`` short rounds that take the functions in
     turn, starting from a different one each round, and gets the median of its rounds. Drift of
     the GPU's clocks or temperature over a run then falls on all of them alike (timed one after
-    the other, two calls of the same kernels differed by up to 4% on the largest shapes)."""
+    the other, two calls of the same kernels differed by up to 4% on the largest shapes). The
+    graphs, and so the memory of their outputs, are all held until the last round."""
     graphs = {name: _captured(fn, sets) for name, fn in fns.items()}
     names = list(graphs)
     samples: dict[str, list[float]] = {name: [] for name in names}

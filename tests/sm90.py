@@ -7,7 +7,7 @@ Triton's wheel carries ``ptxas``, ``cuobjdump`` and ``nvdisasm``, so the real co
 its own because ``TRITON_INTERPRET`` is read when the kernels are defined:
 
 1. ``record``: run a Python snippet on CPU tensors under the interpreter, with the wrappers told
-   to choose what an H100 would get (``kernel_target.simulated``: its compute capability and SM
+   to choose what an H100 would get (``target.simulated``: its compute capability and SM
    count, bf16 and fp8 tiles, the inline-asm decode) and every kernel launch recorded (argument
    types, alignment, constexprs, launch options), not executed: the wrappers' launch sequences do
    not depend on tensor values (they never sync with the host);
@@ -41,7 +41,9 @@ _TL_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp8e4nv
 
 @dataclass(frozen=True)
 class KernelStats:
-    """One compiled kernel: its name, launch options, constexprs, and what ptxas made of it."""
+    """One compiled kernel: its name, launch options, constexprs, and what ptxas made of it
+    (``spill_bytes``: its stack frame plus local memory, where ptxas puts spilled registers;
+    Triton kernels have no other use for either)."""
 
     name: str
     options: dict
@@ -124,16 +126,16 @@ def _compile(path: str) -> list[KernelStats]:
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     seen, results = set(), []
     for entry in json.loads(Path(path).read_text()):
-        key = json.dumps([entry["module"], entry["name"], entry["args"], entry["options"]], sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
         kernel = getattr(importlib.import_module(entry["module"]), entry["name"])
         arguments = _gpu_arguments(entry)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, specialization, options = binder(**arguments, **entry["options"])
         options, signature, constexprs, attrs = kernel._pack_args(backend, entry["options"], bound, specialization,
                                                                   options)
+        key = repr((entry["module"], entry["name"], signature, constexprs, attrs, options))  # what the binary depends on
+        if key in seen:
+            continue
+        seen.add(key)
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
         with tempfile.TemporaryDirectory() as scratch:
@@ -144,12 +146,21 @@ def _compile(path: str) -> list[KernelStats]:
             sass = subprocess.run([tools / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
         resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
         opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M)
-        shown = {k: v for k, v in arguments.items() if k.isupper() and not isinstance(v, _PointerStub)}
+        shown = {p.name: arguments[p.name] for p in kernel.params if p.is_constexpr and p.name in arguments}
         registers, stack, shared, local = map(int, resources.groups())
         # ptxas puts spilled registers on the stack frame (heavy spills) or in local memory.
         results.append(KernelStats(entry["name"], entry["options"], shown, registers, stack + local, shared,
                                    Counter(opcodes)))
     return results
+
+
+def tools_missing() -> str | None:
+    """Why this machine cannot compile for sm_90 (Triton's wheel without its CUDA tools), or None."""
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    missing = [name for name in ("ptxas", "cuobjdump", "nvdisasm") if not (tools / name).exists()]
+    return f"Triton's wheel has no {', '.join(missing)} in {tools}" if missing else None
 
 
 def compile_launches(code: str) -> list[KernelStats]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers.generation.utils import DeferredStopCheck
+from transformers.generation import utils as generation_utils
 
 from tiny_models import tiny_llama
 
@@ -14,6 +14,8 @@ _SPEC = importlib.util.spec_from_file_location(
 bench_decode = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(bench_decode)
 CUDA = torch.device("cuda")  # a device object only: no GPU needed to ask about it
+DeferredStopCheck = getattr(generation_utils, "DeferredStopCheck", None)
+pytestmark = pytest.mark.skipif(DeferredStopCheck is None, reason="this transformers has no DeferredStopCheck")
 
 
 class _StaticLikeCache:
