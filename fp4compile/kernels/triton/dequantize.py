@@ -11,6 +11,7 @@ import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
 from .codecs import check_offsets, decode_e2m1, e4m3_value, e8m0_value
+from .launch import cdiv, next_power_of_2
 
 CHUNK_ELEMENTS = 64 * 2**20
 """``dequantize_linear`` dequantizes at most this many weight elements at a time (128 MiB in bf16),
@@ -58,8 +59,8 @@ def fp4_dequantize(packed: torch.Tensor, scales: torch.Tensor, global_scale: tor
     check_offsets(r, k)
     out = torch.empty((r, k), dtype=dtype, device=packed.device)
     if r:
-        block_k = max(min(256, triton.next_power_of_2(k)), spec.group_size)
-        _dequantize_kernel[(triton.cdiv(r, 32), triton.cdiv(k, block_k))](
+        block_k = max(min(256, next_power_of_2(k)), spec.group_size)
+        _dequantize_kernel[(cdiv(r, 32), cdiv(k, block_k))](
             rows, scales.reshape(r, -1), global_scale.reshape(-1), out, r, k,
             GROUP=spec.group_size, IS_MXFP4=spec is MXFP4, ROW_SCALED=global_scale.numel() > 1, BLOCK_R=32,
             BLOCK_K=block_k,

@@ -23,6 +23,7 @@ import triton.language as tl
 from .codecs import (
     check_offsets, decode_e2m1, e4m3_value, encode_e4m3, exp2_int, mxfp4_spec_exponent, round_to_e2m1,
 )
+from .launch import cdiv, next_power_of_2
 from .moe import swiglu_tile
 from .target import kernel_target
 
@@ -217,14 +218,14 @@ def _row_launch(k: int) -> tuple[int, int]:
     of 8192 with 16 warps.
     The best of a sweep at K from 768 to 28672 on the H100: 0.94-1.36x the copy time of the
     bytes moved, where chunks of 1024 with 4 warps took 1.19-1.56x (``benchmarks/RESULTS.md``)."""
-    block_k = max(32, triton.next_power_of_2(k))
+    block_k = max(32, next_power_of_2(k))
     return (block_k, max(1, block_k // 1024)) if block_k <= 16384 else (8192, 16)
 
 
 def _weight_launch(k: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_K, num_warps) of ``_weight_to_fp8_kernel``: 4 rows a program, K tiles of up
     to 2048 (the best of a sweep over the 12 linear shapes on the H100)."""
-    return 4, min(2048, max(32, triton.next_power_of_2(k))), 4
+    return 4, min(2048, max(32, next_power_of_2(k))), 4
 
 
 def mxfp4_activation_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,8 +285,8 @@ def mxfp4_weight_to_fp8(packed: torch.Tensor, scales: torch.Tensor) -> tuple[tor
     q = torch.empty((n, k), dtype=torch.uint8, device=packed.device)
     row_scale = torch.empty((n,), dtype=torch.float32, device=packed.device)
     block_r, block_k, warps = _weight_launch(k)
-    scale_chunk = min(128, triton.next_power_of_2(k // 32))
-    _weight_to_fp8_kernel[(triton.cdiv(n, block_r),)](
+    scale_chunk = min(128, next_power_of_2(k // 32))
+    _weight_to_fp8_kernel[(cdiv(n, block_r),)](
         packed, scales, q, row_scale, n, k, BLOCK_R=block_r, BLOCK_K=block_k, SCALE_CHUNK=scale_chunk,
         HW_CVT=kernel_target(packed.device).compiled, num_warps=warps,
     )
@@ -306,7 +307,7 @@ def fp8_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scales: torch.Tensor, 
     out = torch.empty((m, n), dtype=out_dtype, device=x.device)
     on_gpu = kernel_target(x.device).compiled
     block_m, block_n, block_k = (128, 128, 128) if on_gpu else (16, 32, 32)
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    grid = (cdiv(m, block_m) * cdiv(n, block_n),)
     _fp8_gemm_kernel[grid](
         a, b, a_scale, b_scale, w_global_scale.reshape(()), bias if bias is not None else out, out, m, n, k,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,

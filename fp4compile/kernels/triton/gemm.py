@@ -38,6 +38,7 @@ import triton.language as tl
 
 from ...formats.spec import MXFP4, get_format
 from .codecs import decode_e2m1_pairs, exp2_int
+from .launch import cdiv, next_power_of_2
 from .target import kernel_target
 
 _TWO_POW_119 = tl.constexpr(2.0**119)
@@ -289,7 +290,7 @@ def choose_config(m: int, n: int, k: int) -> GemmConfig:
     Up to 32 rows, programs of 2 warps over 64 weight rows and K tiles of 256 (4 programs per SM)
     beat 4-warp programs over 128 rows by about 9% on the H100: twice the warps per SM hide more of
     the load latency, and the longer K tile halves the per-step barrier and pipeline cost."""
-    block_k = max(32, min(128, triton.next_power_of_2(k)))  # each of the two dots takes BLOCK_K / 2 >= 16
+    block_k = max(32, min(128, next_power_of_2(k)))  # each of the two dots takes BLOCK_K / 2 >= 16
     if m <= 32:
         if k % 256 == 0:
             return GemmConfig(16 if m <= 16 else 32, 64, 256, num_warps=2, num_stages=3, programs_per_sm=4)
@@ -313,7 +314,7 @@ def _programs(tiles: int, k_tiles: int, wanted: int) -> int:
     if tiles >= wanted:
         return wanted
     splits = max(1, wanted // tiles)
-    splits = triton.cdiv(k_tiles, triton.cdiv(k_tiles, splits))  # runs of equal length
+    splits = cdiv(k_tiles, cdiv(k_tiles, splits))  # runs of equal length
     return tiles * splits
 
 
@@ -408,9 +409,9 @@ def fp4_gemm(
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     # Scale bytes are read as 32-bit words when every K tile's are whole and aligned.
     words = scale_words(k, cfg.block_k, spec.group_size, w_scales)
-    tiles_n = triton.cdiv(n, cfg.block_n)
-    tiles = triton.cdiv(m, cfg.block_m) * tiles_n
-    k_tiles = triton.cdiv(k, cfg.block_k)
+    tiles_n = cdiv(n, cfg.block_n)
+    tiles = cdiv(m, cfg.block_m) * tiles_n
+    k_tiles = cdiv(k, cfg.block_k)
     units = tiles * k_tiles
     programs = _programs(tiles, k_tiles, cfg.programs_per_sm * target.multiprocessors)
     partial = torch.empty((programs * 2, cfg.block_m, cfg.block_n), dtype=torch.float32, device=a.device)

@@ -40,6 +40,7 @@ from .gemm import (
     activation_tile, dot_even_odd, given_global_scale, mx_row_exponent, scale_words, undo_decode_factor,
     weight_tile,
 )
+from .launch import cdiv, next_power_of_2
 from .moe_dispatch import dispatch_tokens, tile_rows
 from .quantize import activation_global_scale, fake_quantize_tile, finite_amax, fp4_fake_quantize, in_program_amax
 from .target import kernel_target
@@ -244,9 +245,9 @@ def combine_slots(
     tokens, top_k = topk_ids.shape
     size = src.shape[1]
     out = torch.empty((tokens, size), dtype=out_dtype, device=src.device)
-    block = min(1024, triton.next_power_of_2(size))
+    block = min(1024, next_power_of_2(size))
     weighted = row_of_slot is not None
-    _combine_kernel[(tokens, triton.cdiv(size, block))](
+    _combine_kernel[(tokens, cdiv(size, block))](
         src, topk_ids.contiguous(), out,
         row_of_slot if weighted else src, topk_weights.contiguous() if weighted else src,
         bias.contiguous() if bias is not None else src, size, experts,
@@ -295,7 +296,7 @@ def _block_k(k: int, widths: tuple[int, ...]) -> int:
     """The first K tile of ``widths`` that divides K (no masked tail), else the first (masked), and
     never wider than K rounded up to a power of two."""
     dividing = [width for width in widths if k % width == 0]
-    return min(dividing[0] if dividing else widths[0], max(32, triton.next_power_of_2(k)))
+    return min(dividing[0] if dividing else widths[0], max(32, next_power_of_2(k)))
 
 
 def choose_moe_config(tokens: int, top_k: int, experts: int, hidden: int, inter: int, fmt: str) -> MoeConfig:
@@ -412,7 +413,7 @@ def fp4_moe(
     if w4a4 and not quantize_x:
         x, gs = fp4_fake_quantize(x, fmt, None, dot_dtype)
         x_global_scale = x_global_scale if gs is None else gs
-    gate_up_grid = (triton.cdiv(inter, cfg.gate_up.block_n), tiles)
+    gate_up_grid = (cdiv(inter, cfg.gate_up.block_n), tiles)
     if quantize_intermediate:
         amax = _partial_maxima(gate_up_grid[0] * gate_up_grid[1], hidden.device)
     else:
@@ -434,12 +435,12 @@ def fp4_moe(
         intermediate, x_global_scale = fp4_fake_quantize(intermediate, fmt, None, dot_dtype, finite_amax=amax)
     slot_out = torch.empty((slots, size), dtype=torch.float32, device=hidden.device)
     weights = topk_weights.reshape(-1).contiguous()
-    _down_kernel[(triton.cdiv(size, cfg.down.block_n), tiles)](
+    _down_kernel[(cdiv(size, cfg.down.block_n), tiles)](
         intermediate, slot_of_row, counts, ids, weights, down_packed, down_scales, down_global_scale,
         x_global_scale, down_bias.contiguous() if down_bias is not None else amax, slot_out, amax,
         rows, size, inter, inter // 2, inter // spec.group_size, experts, amax.numel(),
         HAS_BIAS=down_bias is not None, HAS_X_SCALE=nvfp4_w4a4, QUANTIZE_X=quantize_intermediate,
-        AMAX_BLOCK=triton.next_power_of_2(amax.numel()) if quantize_intermediate else 1,
+        AMAX_BLOCK=next_power_of_2(amax.numel()) if quantize_intermediate else 1,
         **_tile_args(cfg.down, inter, spec.group_size, down_scales), **kernel_args,
     )
     return combine_slots(slot_out, topk_ids, experts, hidden.dtype)

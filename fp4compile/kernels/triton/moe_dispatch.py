@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import cdiv, next_power_of_2
+
 _SLOTS_PER_PROGRAM = 256
 
 SMALL_SLOTS = 128
@@ -147,7 +149,7 @@ class Dispatch:
 
 def padded_rows(slots: int, experts: int, block_m: int) -> int:
     """Rows the grouped layout can need at most, a multiple of ``block_m``."""
-    return triton.cdiv(slots + min(slots, experts) * (block_m - 1), block_m) * block_m
+    return cdiv(slots + min(slots, experts) * (block_m - 1), block_m) * block_m
 
 
 def dispatch_tokens(topk_ids: torch.Tensor, experts: int, block_m: int) -> Dispatch:
@@ -157,15 +159,15 @@ def dispatch_tokens(topk_ids: torch.Tensor, experts: int, block_m: int) -> Dispa
         ids = ids.contiguous()
     slots = ids.numel()
     slot_of_row = torch.empty(padded_rows(slots, experts, block_m), dtype=torch.int32, device=ids.device)
-    experts_pow2 = triton.next_power_of_2(experts)
+    experts_pow2 = next_power_of_2(experts)
     if slots <= SMALL_SLOTS:
         counts = torch.empty(experts, dtype=torch.int32, device=ids.device)
         _dispatch_small_kernel[(1,)](ids, counts, slot_of_row, slots, experts, BLOCK_M=block_m,
-                                     EXPERTS_POW2=experts_pow2, SLOTS_POW2=triton.next_power_of_2(slots))
+                                     EXPERTS_POW2=experts_pow2, SLOTS_POW2=next_power_of_2(slots))
         return Dispatch(counts, slot_of_row, block_m, experts_pow2)
     counts = torch.zeros(experts, dtype=torch.int32, device=ids.device)
     ranks = torch.empty(slots, dtype=torch.int32, device=ids.device)
-    grid = (triton.cdiv(slots, _SLOTS_PER_PROGRAM),)
+    grid = (cdiv(slots, _SLOTS_PER_PROGRAM),)
     _rank_kernel[grid](ids, counts, ranks, slots, experts, BLOCK=_SLOTS_PER_PROGRAM)
     _place_kernel[grid](ids, counts, ranks, slot_of_row, slots, experts, BLOCK_M=block_m, EXPERTS_POW2=experts_pow2,
                         BLOCK=_SLOTS_PER_PROGRAM)

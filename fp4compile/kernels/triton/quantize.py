@@ -16,6 +16,7 @@ from ...formats.spec import MXFP4, get_format
 from .codecs import (
     check_offsets, e4m3_value, e8m0_value, encode_e2m1, encode_e4m3, mxfp4_spec_exponent, round_to_e2m1,
 )
+from .launch import cdiv, next_power_of_2
 from .target import kernel_target
 
 
@@ -260,8 +261,8 @@ def in_program_amax(rows: torch.Tensor) -> tuple[int, int] | None:
     m, k = rows.shape
     if not _reads_bf16_words(rows) or m * k > IN_PROGRAM_AMAX_ELEMENTS:
         return None
-    tile_m = min(16, triton.next_power_of_2(m))
-    return tile_m, max(2, min(AMAX_TILE_ELEMENTS // tile_m, triton.next_power_of_2(k)))
+    tile_m = min(16, next_power_of_2(m))
+    return tile_m, max(2, min(AMAX_TILE_ELEMENTS // tile_m, next_power_of_2(k)))
 
 
 def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values_dtype: torch.dtype | None,
@@ -308,8 +309,8 @@ def _launch(x: torch.Tensor, fmt: str, global_scale: torch.Tensor | None, values
     # Tiles of 16 rows: the fastest of a sweep at M=4096 (block_m 16-128, 128-512 columns, 4 or 8
     # warps; benchmarks/RESULTS.md). 256 columns there; 128 at decode sizes, for more programs.
     columns = 256 if m > 256 else 128
-    groups_per_program = min(columns // spec.group_size, triton.next_power_of_2(k // spec.group_size))
-    grid = (triton.cdiv(m, 16), triton.cdiv(k // spec.group_size, groups_per_program))
+    groups_per_program = min(columns // spec.group_size, next_power_of_2(k // spec.group_size))
+    grid = (cdiv(m, 16), cdiv(k // spec.group_size, groups_per_program))
     num_amax = amax.numel() if amax is not None else 1
     # The in-program amax's tiles (constants of the kernel: fixed unless used, so that other
     # sources do not compile a variant per M).
@@ -342,8 +343,8 @@ def finite_amax_partials(x: torch.Tensor, block_m: int | None = None, block_k: i
     m, k = x.shape
     block_m = block_m or 16
     block_k = block_k or (512 if m > 256 else 128)
-    tiles_k = triton.cdiv(k, block_k)
-    tiles = triton.cdiv(m, block_m) * tiles_k
+    tiles_k = cdiv(k, block_k)
+    tiles = cdiv(m, block_m) * tiles_k
     partials = torch.empty(min(tiles, programs), dtype=torch.float32, device=x.device)
     if partials.numel():
         _finite_amax_kernel[(partials.numel(),)](x, partials, m, k, x.stride(0), tiles_k, tiles, BLOCK_M=block_m,
