@@ -16,12 +16,18 @@ def rotation(bytes_per_set: int) -> int:
     return max(2, math.ceil(ROTATE_BYTES / bytes_per_set))
 
 
-def _captured(fn, sets: int) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of ``fn(i)`` for every weight set, after a warm-up run on a side stream."""
+def _every_set(fn, sets: int) -> Callable[[], None]:
+    """One call of ``fn(i)`` for each weight set i."""
     def run_all():
         for i in range(sets):
             fn(i)
 
+    return run_all
+
+
+def _captured(fn, sets: int) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``fn(i)`` for every weight set, after a warm-up run on a side stream."""
+    run_all = _every_set(fn, sets)
     run_all()
     torch.cuda.synchronize()
     stream = torch.cuda.Stream()
@@ -41,14 +47,8 @@ def time_ms(fn, sets: int, graph: bool) -> float:
     ``graph``: time CUDA-graph replays (how decode runs; removes launch gaps from every side),
     else ``triton.testing.do_bench``.
     """
-    if graph:
-        return triton.testing.do_bench(_captured(fn, sets).replay, warmup=25, rep=100, return_mode="median") / sets
-
-    def run_all():
-        for i in range(sets):
-            fn(i)
-
-    return triton.testing.do_bench(run_all, warmup=25, rep=100, return_mode="median") / sets
+    timed = _captured(fn, sets).replay if graph else _every_set(fn, sets)
+    return triton.testing.do_bench(timed, warmup=25, rep=100, return_mode="median") / sets
 
 
 def time_interleaved_ms(fns: dict[str, Callable[[int], object]], sets: int, rounds: int = 7) -> dict[str, float]:

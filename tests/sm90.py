@@ -114,6 +114,13 @@ def _gpu_arguments(entry: dict) -> dict:
     return arguments
 
 
+def _tools_dir() -> Path:
+    """Where Triton's wheel keeps ptxas, cuobjdump and nvdisasm."""
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
 def _compile(path: str) -> list[KernelStats]:
     """Step 2 (no interpreter): compile each distinct recorded launch for sm_90."""
     import triton
@@ -123,7 +130,7 @@ def _compile(path: str) -> list[KernelStats]:
 
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    tools = _tools_dir()
     seen, results = set(), []
     for entry in json.loads(Path(path).read_text()):
         kernel = getattr(importlib.import_module(entry["module"]), entry["name"])
@@ -156,9 +163,7 @@ def _compile(path: str) -> list[KernelStats]:
 
 def tools_missing() -> str | None:
     """Why this machine cannot compile for sm_90 (Triton's wheel without its CUDA tools), or None."""
-    import triton
-
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    tools = _tools_dir()
     missing = [name for name in ("ptxas", "cuobjdump", "nvdisasm") if not (tools / name).exists()]
     return f"Triton's wheel has no {', '.join(missing)} in {tools}" if missing else None
 
