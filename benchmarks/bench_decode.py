@@ -25,7 +25,8 @@ Per batch size:
   recording); at the first batch size it covers the prefill and decode graphs;
 - **logits err**: relative L2 of the first generated token's logits against the bf16 model's on
   the same prompt (same weights: every variant is built from the same seed);
-- **stop check** (``--stop-check``): ``sync``, transformers' default on CUDA, reads "are all
+- **stop check** (``--stop-check``, one or both, comma-separated: both time the same compiled
+  model one after the other, so the pair differs only in the check): ``sync``, transformers' default on CUDA, reads "are all
   sequences done?" on the host after every step, so the host waits for each step's kernels
   before it queues the next and its per-step time (HF's Python, guards, graph launch) adds to the
   GPU's. ``deferred`` turns on transformers' own ``DeferredStopCheck`` for CUDA (5.17 enables it
@@ -39,7 +40,7 @@ Per batch size:
   at once) during the warm runs.
 
     python benchmarks/bench_decode.py --model llama3-8b [--batches 1,16] [--variants bf16,nvfp4-w4a16,...]
-        [--stop-check sync|deferred]
+        [--stop-check sync,deferred]
 """
 
 import argparse
@@ -83,6 +84,7 @@ class Row:
 
     variant: str
     batch: int
+    stop_check: str
     tokens_per_s: float
     step_ms: float
     gpu_step_ms: float
@@ -172,9 +174,15 @@ def gpu_seconds(model, prompt: torch.Tensor, new_tokens: int, cache_length: int,
     return sum(event.self_device_time_total for event in events) / 1e6
 
 
-def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor], deferred: list[int] | None) -> list[Row]:
-    """Build, compile and time one variant at every batch size; bf16 fills ``reference_logits``.
-    ``deferred``: the count of ``deferred_stop_checks``, which each generate must raise."""
+def stop_check(name: str):
+    """A context for ``generate`` with the named stop check; it yields a ``used`` counter (a list
+    of one int) that each deferred generate must raise, or None for ``sync``."""
+    return deferred_stop_checks() if name == "deferred" else contextlib.nullcontext()
+
+
+def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -> list[Row]:
+    """Build, compile and time one variant at every batch size and stop check; bf16 fills
+    ``reference_logits``. The first check's first generate compiles, so "compile s" is its."""
     model = build(args.model, args.layers)
     bf16_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     config = VARIANTS[variant]
@@ -188,13 +196,18 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor], d
         for batch in args.batches:
             prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt),
                                    generator=torch.Generator().manual_seed(batch)).cuda()
-            used_before = deferred[0] if deferred else 0
-            first = generate(model, prompt, args.new, cache_length)
-            if deferred is not None and deferred[0] == used_before:
-                raise SystemExit(f"{variant}: generate did not use the deferred stop check")
             torch.cuda.reset_peak_memory_stats()
-            full = statistics.median(generate(model, prompt, args.new, cache_length) for _ in range(REPEATS))
-            short = statistics.median(generate(model, prompt, 1, cache_length) for _ in range(REPEATS))
+            timings = {}  # stop check -> (first, full, short) seconds
+            for check in args.stop_check:
+                with stop_check(check) as used:
+                    used_before = used[0] if used else 0
+                    first = generate(model, prompt, args.new, cache_length)
+                    if used is not None and used[0] == used_before:
+                        raise SystemExit(f"{variant}: generate did not use the deferred stop check")
+                    full = statistics.median(generate(model, prompt, args.new, cache_length) for _ in range(REPEATS))
+                    short = statistics.median(generate(model, prompt, 1, cache_length) for _ in range(REPEATS))
+                timings[check] = first, full, short
+            compile_s = timings[args.stop_check[0]][0] - timings[args.stop_check[0]][1]
             logits = generate(model, prompt, 1, cache_length, logits=True)
             if variant == "bf16":
                 reference_logits[batch] = logits
@@ -203,13 +216,15 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor], d
             peak = torch.cuda.max_memory_allocated() / 2**30
             gpu_step = (gpu_seconds(model, prompt, 17, cache_length, args.kernels)
                         - gpu_seconds(model, prompt, 1, cache_length)) / 16
-            row = Row(variant, batch, batch * (args.new - 1) / (full - short), (full - short) / (args.new - 1) * 1e3,
-                      gpu_step * 1e3, short * 1e3, first - full, error, weight_bytes(model) / 2**30, peak)
-            print(f"  {variant} batch {batch}: {row.tokens_per_s:.1f} tok/s, step {row.step_ms:.2f} ms (GPU "
-                  f"{row.gpu_step_ms:.2f}), TTFT {row.ttft_ms:.1f} ms, compile "
-                  f"{row.compile_s:.1f} s, logits err {error:.4f}, weights {row.weights_gib:.2f} GiB "
-                  f"(bf16 {bf16_bytes / 2**30:.2f}), peak {row.peak_gib:.2f} GiB", flush=True)
-            rows.append(row)
+            for check, (_, full, short) in timings.items():
+                row = Row(variant, batch, check, batch * (args.new - 1) / (full - short),
+                          (full - short) / (args.new - 1) * 1e3, gpu_step * 1e3, short * 1e3, compile_s, error,
+                          weight_bytes(model) / 2**30, peak)
+                print(f"  {variant} batch {batch}, {check} stop check: {row.tokens_per_s:.1f} tok/s, step "
+                      f"{row.step_ms:.2f} ms (GPU {row.gpu_step_ms:.2f}), TTFT {row.ttft_ms:.1f} ms, compile "
+                      f"{row.compile_s:.1f} s, logits err {error:.4f}, weights {row.weights_gib:.2f} GiB "
+                      f"(bf16 {bf16_bytes / 2**30:.2f}), peak {row.peak_gib:.2f} GiB", flush=True)
+                rows.append(row)
     del model
     gc.collect()
     torch._dynamo.reset()
@@ -218,18 +233,20 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor], d
 
 
 def table(args, rows: list[Row]) -> str:
-    """The markdown table of ``rows`` for RESULTS.md, with each ratio against bf16."""
-    base = {r.batch: r for r in rows if r.variant == "bf16"}
+    """The markdown table of ``rows`` for RESULTS.md, with each ratio against bf16 at the same
+    batch size and stop check."""
+    base = {(r.batch, r.stop_check): r for r in rows if r.variant == "bf16"}
     layers = f", {args.layers} of its layers" if args.layers else ""
-    lines = [f"{args.model}{layers}; prompt {args.prompt}, {args.new} new tokens; {args.stop_check} stop check; "
+    lines = [f"{args.model}{layers}; prompt {args.prompt}, {args.new} new tokens; "
              f"{torch.cuda.get_device_name()}",
              "",
-             "| variant | batch | decode tok/s | vs bf16 | step ms | GPU ms | TTFT ms | compile s | logits err "
-             "| weights GiB | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| variant | batch | stop check | decode tok/s | vs bf16 | step ms | GPU ms | TTFT ms | compile s "
+             "| logits err | weights GiB | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = f"{r.tokens_per_s / base[r.batch].tokens_per_s:.2f}x" if r.batch in base else "-"
-        lines.append(f"| {r.variant} | {r.batch} | {r.tokens_per_s:.1f} | {ratio} | {r.step_ms:.2f} | {r.gpu_step_ms:.2f} "
+        reference = base.get((r.batch, r.stop_check))
+        ratio = f"{r.tokens_per_s / reference.tokens_per_s:.2f}x" if reference else "-"
+        lines.append(f"| {r.variant} | {r.batch} | {r.stop_check} | {r.tokens_per_s:.1f} | {ratio} | {r.step_ms:.2f} | {r.gpu_step_ms:.2f} "
                      f"| {r.ttft_ms:.1f} | {r.compile_s:.1f} "
                      f"| {r.logits_error:.4f} | {r.weights_gib:.2f} | {r.peak_gib:.2f} |")
     return "\n".join(lines)
@@ -245,20 +262,21 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--kernels", type=int, default=0, help="print the N costliest kernels of a 17-token generate")
-    parser.add_argument("--stop-check", choices=("sync", "deferred"), default="sync",
-                        help="how generate decides to stop (see the module docstring)")
+    parser.add_argument("--stop-check", type=lambda s: s.split(","), default=["sync"],
+                        help="how generate decides to stop: sync, deferred or both (see the module docstring)")
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if not args.stop_check or set(args.stop_check) - {"sync", "deferred"} or len(set(args.stop_check)) < len(args.stop_check):
+        parser.error(f"--stop-check takes sync, deferred or both, each once; got {args.stop_check}")
     if args.variants[0] != "bf16":
         parser.error("the first variant must be bf16: every ratio and logits error is against it, in the same run")
     reference_logits: dict[int, torch.Tensor] = {}
     rows = []
-    with deferred_stop_checks() if args.stop_check == "deferred" else contextlib.nullcontext() as deferred:
-        for variant in args.variants:
-            print(f"{variant}:", flush=True)
-            rows += run_variant(args, variant, reference_logits, deferred)
+    for variant in args.variants:
+        print(f"{variant}:", flush=True)
+        rows += run_variant(args, variant, reference_logits)
     print(table(args, rows))
 
 

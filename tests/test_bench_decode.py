@@ -49,3 +49,17 @@ def test_deferred_stop_checks_keep_the_greedy_tokens():
             deferred = greedy()
     assert used == [1]
     assert torch.equal(deferred, expected)
+
+
+def test_table_compares_each_stop_check_with_bf16_under_the_same_check(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "GPU")
+
+    def row(variant: str, check: str, tokens_per_s: float) -> "bench_decode.Row":
+        return bench_decode.Row(variant, 1, check, tokens_per_s, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0)
+
+    args = type("Args", (), dict(model="llama3-8b", layers=None, prompt=8, new=4))
+    rows = [row("bf16", "sync", 100.0), row("bf16", "deferred", 125.0),
+            row("nvfp4-w4a16", "sync", 150.0), row("nvfp4-w4a16", "deferred", 250.0)]
+    lines = bench_decode.table(args, rows).splitlines()
+    assert "| nvfp4-w4a16 | 1 | sync | 150.0 | 1.50x |" in lines[6]
+    assert "| nvfp4-w4a16 | 1 | deferred | 250.0 | 2.00x |" in lines[7]
