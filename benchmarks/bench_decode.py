@@ -196,7 +196,6 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -
         for batch in args.batches:
             prompt = torch.randint(0, model.config.vocab_size, (batch, args.prompt),
                                    generator=torch.Generator().manual_seed(batch)).cuda()
-            torch.cuda.reset_peak_memory_stats()
             timings = {}  # stop check -> (first, full, short) seconds
             for check in args.stop_check:
                 with stop_check(check) as used:
@@ -204,6 +203,8 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -
                     first = generate(model, prompt, args.new, cache_length)
                     if used is not None and used[0] == used_before:
                         raise SystemExit(f"{variant}: generate did not use the deferred stop check")
+                    if not timings:  # the peak of decoding, not of compiling (the bf16 weights are alive then)
+                        torch.cuda.reset_peak_memory_stats()
                     full = statistics.median(generate(model, prompt, args.new, cache_length) for _ in range(REPEATS))
                     short = statistics.median(generate(model, prompt, 1, cache_length) for _ in range(REPEATS))
                 timings[check] = first, full, short

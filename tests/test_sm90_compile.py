@@ -69,8 +69,6 @@ hopper.scaled_grouped_mm_moe(activation(64, hidden), ids, torch.rand(64, 4), gat
 KNOWN_SPILLS = [
     # (kernel, constexprs that identify the launch, bytes spilled when this test was written)
     ("_fp4_gemm_kernel", {"IS_MXFP4": "False", "BLOCK_M": "128"}, 80),  # NVFP4 at M=65-128 (wgmma tile)
-    ("_fp4_gemm_kernel", {"IS_MXFP4": "True", "BLOCK_M": "32"}, 232),  # M=17-32, 64x256 tile, 2 warps
-    ("_fp4_gemm_kernel", {"IS_MXFP4": "False", "BLOCK_M": "32"}, 56),
     ("_gate_up_kernel", {"BLOCK_M": "128"}, 504),  # MoE prefill tile (128x128, 8 warps), most with a bias
     ("_down_kernel", {"IS_MXFP4": "True", "HAS_BIAS": "True", "DIRECT": "False"}, 8),
 ]

@@ -287,13 +287,18 @@ def choose_config(m: int, n: int, k: int) -> GemmConfig:
     """The configuration for an (M, N, K) problem, by M bucket: the best of sweeps on an H200 and an
     H100 (``benchmarks/tune_linear.py``, recorded in ``benchmarks/RESULTS.md``).
 
-    Up to 32 rows, programs of 2 warps over 64 weight rows and K tiles of 256 (4 programs per SM)
+    Up to 16 rows, programs of 2 warps over 64 weight rows and K tiles of 256 (4 programs per SM)
     beat 4-warp programs over 128 rows by about 9% on the H100: twice the warps per SM hide more of
-    the load latency, and the longer K tile halves the per-step barrier and pipeline cost."""
+    the load latency, and the longer K tile halves the per-step barrier and pipeline cost. At 17-32
+    rows the same programs take K tiles of 128: with 256 the MXFP4 kernel spills registers inside
+    its K loop on sm_90 (``tests/sm90.py``), and the 128 tile was 1.62x of bf16 against 1.30x
+    (MXFP4; NVFP4 1.61x against 1.54x) in the 2026-11-23 H100 sweep."""
     block_k = max(32, min(128, next_power_of_2(k)))  # each of the two dots takes BLOCK_K / 2 >= 16
+    if m <= 16 and k % 256 == 0:
+        return GemmConfig(16, 64, 256, num_warps=2, num_stages=3, programs_per_sm=4)
+    if 16 < m <= 32 and k % 128 == 0:
+        return GemmConfig(32, 64, 128, num_warps=2, num_stages=3, programs_per_sm=4)
     if m <= 32:
-        if k % 256 == 0:
-            return GemmConfig(16 if m <= 16 else 32, 64, 256, num_warps=2, num_stages=3, programs_per_sm=4)
         return GemmConfig(16 if m <= 16 else 32, 128, block_k, num_warps=4, num_stages=4)
     if m <= 64:
         return GemmConfig(64, 64, block_k, num_warps=4, num_stages=3)
