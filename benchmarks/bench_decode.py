@@ -163,15 +163,28 @@ def generate(model, prompt: torch.Tensor, new_tokens: int, cache_length: int, lo
     return out.logits[0].float() if logits else time.perf_counter() - start
 
 
-def gpu_seconds(model, prompt: torch.Tensor, new_tokens: int, cache_length: int, kernels: int = 0) -> float:
-    """Kernel time of one ``generate`` (summed over kernels, as torch.profiler records them);
-    ``kernels``: print that many of the most expensive kernels."""
+def kernel_times(model, prompt: torch.Tensor, new_tokens: int, cache_length: int) -> dict[str, float]:
+    """GPU microseconds of one ``generate`` per kernel name (as torch.profiler records them, CUDA-graph
+    replays included)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         generate(model, prompt, new_tokens, cache_length)
-    events = profile.key_averages()
-    if kernels:
-        print(events.table(sort_by="self_device_time_total", row_limit=kernels, max_name_column_width=70))
-    return sum(event.self_device_time_total for event in events) / 1e6
+    return {event.key: event.self_device_time_total for event in profile.key_averages()}
+
+
+def decode_step_kernels(model, prompt: torch.Tensor, cache_length: int, steps: int = 16) -> dict[str, float]:
+    """GPU microseconds per decode step, by kernel: a ``steps + 1``-token ``generate`` minus a
+    1-token one (prefill, first token and set-up cancel), over ``steps``."""
+    longer = kernel_times(model, prompt, steps + 1, cache_length)
+    shorter = kernel_times(model, prompt, 1, cache_length)
+    return {name: (us - shorter.get(name, 0.0)) / steps for name, us in longer.items()}
+
+
+def kernel_table(per_step: dict[str, float], rows: int) -> str:
+    """The ``rows`` costliest kernels of a decode step, with their share of the step."""
+    total = sum(per_step.values())
+    ranked = sorted(per_step.items(), key=lambda item: item[1], reverse=True)[:rows]
+    return "\n".join([f"  decode step: {total:.1f} us of kernels"]
+                     + [f"  {us:9.1f} us {us / total:6.1%}  {name[:110]}" for name, us in ranked])
 
 
 def stop_check(name: str):
@@ -215,8 +228,10 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -
             error = ((logits - reference_logits[batch]).norm() / reference_logits[batch].norm()).item() \
                 if batch in reference_logits else float("nan")
             peak = torch.cuda.max_memory_allocated() / 2**30
-            gpu_step = (gpu_seconds(model, prompt, 17, cache_length, args.kernels)
-                        - gpu_seconds(model, prompt, 1, cache_length)) / 16
+            per_step = decode_step_kernels(model, prompt, cache_length)
+            gpu_step = sum(per_step.values()) / 1e6
+            if args.kernels:
+                print(kernel_table(per_step, args.kernels), flush=True)
             for check, (_, full, short) in timings.items():
                 row = Row(variant, batch, check, batch * (args.new - 1) / (full - short),
                           (full - short) / (args.new - 1) * 1e3, gpu_step * 1e3, short * 1e3, compile_s, error,
@@ -262,7 +277,7 @@ def main() -> None:
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=256)
-    parser.add_argument("--kernels", type=int, default=0, help="print the N costliest kernels of a 17-token generate")
+    parser.add_argument("--kernels", type=int, default=0, help="print the N costliest kernels of a decode step (GPU us per step)")
     parser.add_argument("--stop-check", type=lambda s: s.split(","), default=["sync"],
                         help="how generate decides to stop: sync, deferred or both (see the module docstring)")
     args = parser.parse_args()

@@ -74,14 +74,21 @@ def bucket(m: int) -> str:
 
 
 def launch_overhead() -> None:
-    """CPU time per call (no sync): the fp4 op's Python path against F.linear's."""
+    """CPU time per call (no sync) of ``F.linear``, of the fp4 op, and of the Triton wrapper the op
+    calls (the difference is the op layer: custom-op dispatch, argument checks, implementation choice)."""
     import time
+
+    from fp4compile.kernels.triton import fp4_linear
 
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-    q = quantize(w, "nvfp4")
-    for name, fn in (("F.linear", lambda: F.linear(x, w)),
-                     ("fp4::linear", lambda: torch.ops.fp4.linear(x, q.packed, q.scales, q.global_scale, None, None, "nvfp4", "none"))):
+    calls = {"F.linear": lambda: F.linear(x, w)}
+    for fmt, act_mode in (("nvfp4", "none"), ("mxfp4", "fp4")):
+        q = quantize(w, fmt)
+        args = (x, q.packed, q.scales, q.global_scale, None, None, fmt, act_mode)
+        calls[f"fp4::linear {fmt} {act_mode}"] = lambda args=args: torch.ops.fp4.linear(*args)
+        calls[f"triton fp4_linear {fmt} {act_mode}"] = lambda args=args: fp4_linear(*args)
+    for name, fn in calls.items():
         for _ in range(20):
             fn()
         torch.cuda.synchronize()

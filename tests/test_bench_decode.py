@@ -63,3 +63,14 @@ def test_table_compares_each_stop_check_with_bf16_under_the_same_check(monkeypat
     lines = bench_decode.table(args, rows).splitlines()
     assert "| nvfp4-w4a16 | 1 | sync | 150.0 | 1.50x |" in lines[6]
     assert "| nvfp4-w4a16 | 1 | deferred | 250.0 | 2.00x |" in lines[7]
+
+
+def test_decode_step_kernels_subtract_the_one_token_generate_and_rank_by_time(monkeypatch):
+    profiles = {17: {"gemm": 1700.0, "prefill": 900.0, "norm": 180.0}, 1: {"gemm": 100.0, "prefill": 900.0, "norm": 20.0}}
+    monkeypatch.setattr(bench_decode, "kernel_times", lambda model, prompt, new, cache: profiles[new])
+    per_step = bench_decode.decode_step_kernels(None, None, 64)
+    assert per_step == {"gemm": 100.0, "prefill": 0.0, "norm": 10.0}
+    lines = bench_decode.kernel_table(per_step, 2).splitlines()
+    assert lines[0].endswith("110.0 us of kernels")
+    assert [line.split()[-1] for line in lines[1:]] == ["gemm", "norm"]
+    assert "90.9%" in lines[1]
