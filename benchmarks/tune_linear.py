@@ -25,7 +25,9 @@ SUBSET = [SHAPES["llama3-8b"]["o"], SHAPES["llama3-8b"]["qkv"], SHAPES["llama3-8
 # (block_m, block_n, block_k, num_warps, num_stages, programs_per_sm)
 CANDIDATES = {  # GemmConfig fields, in order
     "small": [(16, 128, 128, 4, 4, 2), (16, 128, 128, 4, 4, 3), (16, 128, 256, 4, 3, 2), (16, 64, 256, 4, 3, 2),
-              (16, 64, 256, 2, 3, 4), (16, 32, 256, 1, 3, 8), (16, 32, 256, 1, 3, 4)],
+              (16, 64, 256, 2, 3, 4), (16, 32, 256, 1, 3, 8), (16, 32, 256, 1, 3, 4),
+              # fewer K splits: longer runs of K tiles per program, fewer partial sums (small layers)
+              (16, 64, 256, 2, 3, 2), (16, 64, 256, 2, 3, 3), (16, 64, 256, 2, 4, 2)],
     "mid": [(32, 128, 128, 4, 4, 2), (32, 64, 256, 2, 3, 4),
             # no register spills on sm_90, where (32, 64, 256, 2, 3) spills inside its K loop (tests/sm90.py)
             (32, 32, 256, 2, 3, 4), (32, 64, 128, 2, 3, 4), (32, 64, 256, 4, 3, 4), (128, 64, 128, 4, 3, 1), (128, 64, 128, 4, 3, 2), (128, 64, 128, 4, 3, 3), (64, 64, 128, 4, 3, 2),
