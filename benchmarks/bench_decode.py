@@ -40,7 +40,10 @@ Per batch size:
   at once) during the warm runs.
 
     python benchmarks/bench_decode.py --model llama3-8b [--batches 1,16] [--variants bf16,nvfp4-w4a16,...]
-        [--stop-check sync,deferred]
+        [--stop-check sync,deferred] [--kernels 45]
+
+``--kernels N`` prints the N costliest kernels of one decode step (the profile behind "GPU ms"),
+which is how RESULTS.md splits a step into layer GEMMs, LM head, attention and the rest.
 """
 
 import argparse
