@@ -26,8 +26,8 @@ Per batch size:
 - **logits err**: relative L2 of the first generated token's logits against the bf16 model's on
   the same prompt (same weights: every variant is built from the same seed);
 - **stop check** (``--stop-check``, one or both, comma-separated: both time the same compiled
-  model one after the other, so the pair differs only in the check): ``sync``, transformers' default on CUDA, reads "are all
-  sequences done?" on the host after every step, so the host waits for each step's kernels
+  model one after the other, so the pair differs only in the check): ``sync``, transformers'
+  default on CUDA, reads "are all sequences done?" on the host after every step, so the host waits for each step's kernels
   before it queues the next and its per-step time (HF's Python, guards, graph launch) adds to the
   GPU's. ``deferred`` turns on transformers' own ``DeferredStopCheck`` for CUDA (5.17 enables it
   on MPS only): the flag is read one step late, so the host queues step n+1 while the GPU runs
@@ -235,10 +235,11 @@ def run_variant(args, variant: str, reference_logits: dict[int, torch.Tensor]) -
             gpu_step = sum(per_step.values()) / 1e6
             if args.kernels:
                 print(kernel_table(per_step, args.kernels), flush=True)
+            weights_gib = weight_bytes(model) / 2**30
             for check, (_, full, short) in timings.items():
                 row = Row(variant, batch, check, batch * (args.new - 1) / (full - short),
                           (full - short) / (args.new - 1) * 1e3, gpu_step * 1e3, short * 1e3, compile_s, error,
-                          weight_bytes(model) / 2**30, peak)
+                          weights_gib, peak)
                 print(f"  {variant} batch {batch}, {check} stop check: {row.tokens_per_s:.1f} tok/s, step "
                       f"{row.step_ms:.2f} ms (GPU {row.gpu_step_ms:.2f}), TTFT {row.ttft_ms:.1f} ms, compile "
                       f"{row.compile_s:.1f} s, logits err {error:.4f}, weights {row.weights_gib:.2f} GiB "
@@ -265,8 +266,8 @@ def table(args, rows: list[Row]) -> str:
     for r in rows:
         reference = base.get((r.batch, r.stop_check))
         ratio = f"{r.tokens_per_s / reference.tokens_per_s:.2f}x" if reference else "-"
-        lines.append(f"| {r.variant} | {r.batch} | {r.stop_check} | {r.tokens_per_s:.1f} | {ratio} | {r.step_ms:.2f} | {r.gpu_step_ms:.2f} "
-                     f"| {r.ttft_ms:.1f} | {r.compile_s:.1f} "
+        lines.append(f"| {r.variant} | {r.batch} | {r.stop_check} | {r.tokens_per_s:.1f} | {ratio} | {r.step_ms:.2f} "
+                     f"| {r.gpu_step_ms:.2f} | {r.ttft_ms:.1f} | {r.compile_s:.1f} "
                      f"| {r.logits_error:.4f} | {r.weights_gib:.2f} | {r.peak_gib:.2f} |")
     return "\n".join(lines)
 
@@ -280,14 +281,16 @@ def main() -> None:
     parser.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=256)
-    parser.add_argument("--kernels", type=int, default=0, help="print the N costliest kernels of a decode step (GPU us per step)")
+    parser.add_argument("--kernels", type=int, default=0,
+                        help="print the N costliest kernels of a decode step (GPU us per step)")
     parser.add_argument("--stop-check", type=lambda s: s.split(","), default=["sync"],
                         help="how generate decides to stop: sync, deferred or both (see the module docstring)")
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    if not args.stop_check or set(args.stop_check) - {"sync", "deferred"} or len(set(args.stop_check)) < len(args.stop_check):
+    checks = args.stop_check
+    if not checks or set(checks) - {"sync", "deferred"} or len(set(checks)) < len(checks):
         parser.error(f"--stop-check takes sync, deferred or both, each once; got {args.stop_check}")
     if args.variants[0] != "bf16":
         parser.error("the first variant must be bf16: every ratio and logits error is against it, in the same run")

@@ -2,8 +2,9 @@
 
 ``bench_decode.py`` reports the first token's logits error against bf16 on random-weight models;
 on the 32-layer Llama-3-8B shape it is about 1.0. This replays that with the reference math
-alone (Llama-3-8B at ``--hidden 4096``: heads of 128, one KV head per 4; every decoder-layer weight replaced by ``dequantize(quantize(w))``, fp32, no kernels), to
-tell a kernel defect from what fp4 weight error does to a random network.
+alone (Llama-3-8B at ``--hidden 4096``: heads of 128, one KV head per 4; every decoder-layer
+weight replaced by ``dequantize(quantize(w))``, fp32, no kernels), to tell a kernel defect from
+what fp4 weight error does to a random network.
 
     python benchmarks/logits_error_by_depth.py [--hidden 4096] [--layers 2,8] [--format nvfp4]
 """

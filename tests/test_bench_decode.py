@@ -66,7 +66,8 @@ def test_table_compares_each_stop_check_with_bf16_under_the_same_check(monkeypat
 
 
 def test_decode_step_kernels_subtract_the_one_token_generate_and_rank_by_time(monkeypatch):
-    profiles = {17: {"gemm": 1700.0, "prefill": 900.0, "norm": 180.0}, 1: {"gemm": 100.0, "prefill": 900.0, "norm": 20.0}}
+    profiles = {17: {"gemm": 1700.0, "prefill": 900.0, "norm": 180.0},
+                1: {"gemm": 100.0, "prefill": 900.0, "norm": 20.0}}
     monkeypatch.setattr(bench_decode, "kernel_times", lambda model, prompt, new, cache: profiles[new])
     per_step = bench_decode.decode_step_kernels(None, None, 64)
     assert per_step == {"gemm": 100.0, "prefill": 0.0, "norm": 10.0}
