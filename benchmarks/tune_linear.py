@@ -5,9 +5,11 @@ on a subset of ``shapes.json`` and prints the geometric-mean ratio to bf16, best
 choose ``choose_config``'s buckets; the chosen ones are then measured by ``bench_linear.py``.
 
     python benchmarks/tune_linear.py [--m 1,16,128,4096] [--fmt mxfp4,nvfp4]
+    python benchmarks/tune_linear.py --short-run-splits [--m 1,16]   # the decode tile's split cap
 """
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,8 +18,8 @@ import torch.nn.functional as F
 
 import fp4compile  # noqa: F401
 from fp4compile.formats import dequantize, quantize
-from fp4compile.kernels.triton.gemm import GemmConfig, fp4_gemm
-from timing import geomean, relative_error, rotation, time_ms
+from fp4compile.kernels.triton.gemm import GemmConfig, choose_config, fp4_gemm
+from timing import geomean, relative_error, rotation, time_interleaved_ms, time_ms
 
 SHAPES = json.loads((Path(__file__).parent / "shapes.json").read_text())["linear"]
 SUBSET = [SHAPES["llama3-8b"]["o"], SHAPES["llama3-8b"]["qkv"], SHAPES["llama3-8b"]["gate_up"],
@@ -71,6 +73,40 @@ def large_m_paths(m: int, n: int, k: int, x: torch.Tensor, weights: list[torch.T
           f"torch._scaled_mm alone {bf16 / t:.2f}x, with conversions {bf16 / (t + t_act + t_w):.2f}x", flush=True)
 
 
+SMALL_LAYERS = [(1024, 2048), (1536, 2048), (2048, 1536), (2048, 2048), (4096, 2048), (2048, 4096), (2560, 2560),
+                (2880, 2816), (3072, 3072), (3584, 3584), (4096, 4096), (5120, 5120), (6144, 4096), (8192, 8192)]
+"""(N, K) of small layers (hidden sizes 1024-8192), where decode splits K over many programs."""
+
+
+def short_run_splits(ms: list[int], fmts: list[str]) -> None:
+    """``choose_config``'s decode tile with and without its cap on K splits (``short_run_splits``)
+    on ``SMALL_LAYERS``, W4A16 GEMM alone, graph replays timed interleaved, against cuBLAS bf16."""
+    for m in ms:
+        ratios: dict[tuple[str, str], list[float]] = {}
+        for n, k in SMALL_LAYERS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(rotation(n * k * 2))]
+            capped = choose_config(m, n, k)
+            configs = {"uncapped": dataclasses.replace(capped, short_run_splits=None), "capped": capped}
+            for fmt in fmts:
+                qs = [quantize(weights[i % len(weights)], fmt) for i in range(rotation(n * k // 2))]
+                ref = x.double() @ dequantize(qs[0], torch.float64).T
+                calls = {"bf16": lambda i: F.linear(x, weights[i % len(weights)])}
+                for name, cfg in configs.items():
+                    def run(i: int, cfg: GemmConfig = cfg) -> torch.Tensor:
+                        return fp4_gemm(x, qs[i].packed, qs[i].scales, qs[i].global_scale, None, fmt, torch.bfloat16, cfg)
+
+                    assert relative_error(run(0), ref) < 1e-2, (n, k, fmt, name)
+                    calls[name] = run
+                times = time_interleaved_ms(calls, len(qs))
+                for name in configs:
+                    ratios.setdefault((fmt, name), []).append(times["bf16"] / times[name])
+                print(f"M={m} {n}x{k} {fmt}: bf16 {times['bf16'] * 1e3:.2f} us, uncapped {times['uncapped'] * 1e3:.2f} "
+                      f"us, capped {times['capped'] * 1e3:.2f} us", flush=True)
+        for (fmt, name), values in ratios.items():
+            print(f"M={m} {fmt} {name}: geomean {geomean(values):.3f}x of bf16", flush=True)
+
+
 def bucket(m: int) -> str:
     return "small" if m <= 16 else "mid" if m <= 512 else "large"
 
@@ -107,9 +143,14 @@ def main() -> None:
     parser.add_argument("--m", default="1,16,128,4096")
     parser.add_argument("--fmt", default="mxfp4,nvfp4")
     parser.add_argument("--graph", action="store_true", help="time every M as CUDA-graph replays (GPU time only)")
+    parser.add_argument("--short-run-splits", action="store_true",
+                        help="only compare the decode tile with and without its K-split cap on small layers")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
+    if args.short_run_splits:
+        short_run_splits([int(m) for m in args.m.split(",") if int(m) <= 16], args.fmt.split(","))
+        return
     launch_overhead()
     for m in map(int, args.m.split(",")):
         graph = m <= 16 or args.graph

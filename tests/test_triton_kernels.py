@@ -184,6 +184,26 @@ def test_only_partitions_that_share_a_tile_use_the_arrival_counters(tiles: int, 
             assert not splits_a_tile(units, p, k_tiles), (tiles, k_tiles, p)
 
 
+@pytest.mark.parametrize("n,k,splits", [
+    (2048, 2048, 4),  # 8 splits of 1 K tile each -> 4 of 2
+    (4096, 4096, 4),  # 8 of 2 -> 4 of 4
+    (2880, 2816, 4),  # 11 of 1 -> 4 of 3 (the last one 2)
+    (6144, 4096, 4),  # runs of 4 already: unchanged
+    (4096, 14336, 8),  # runs of 7: unchanged
+    (4096, 1536, 6),  # 6 K tiles cannot give 4 programs 2 each: uncapped, 6 runs of 1
+    (28672, 4096, 1),  # 448 tiles for 528 programs: no split
+])
+def test_decode_split_is_capped_only_where_runs_of_k_tiles_are_short(n: int, k: int, splits: int):
+    """``choose_config``'s decode tile caps K splitting at 4 where 528 programs (H100) would give
+    each one fewer than 4 K tiles, and only if every program keeps 2 or more."""
+    from fp4compile.kernels.triton.gemm import _programs, choose_config
+
+    config = choose_config(1, n, k)
+    tiles, k_tiles = n // config.block_n, k // config.block_k
+    programs = _programs(tiles, k_tiles, config.programs_per_sm * 132, config.short_run_splits)
+    assert programs == (tiles * splits if tiles < config.programs_per_sm * 132 else config.programs_per_sm * 132)
+
+
 @pytest.mark.parametrize("m", [5, 130])  # 130: on the GPU the dequantize + cuBLAS path
 @pytest.mark.parametrize("scale_shape", [(), (1,)])
 def test_w4a4_linear_with_a_static_activation_scale(m: int, scale_shape: tuple, rng: torch.Generator):

@@ -257,7 +257,10 @@ def _fp4_gemm_kernel(
                                    cache_modifier=".cg")
                 _store_output(acc, output_alpha(w_gs_ptr, x_gs_ptr, cols, N, HAS_X_SCALE, ROW_SCALED), bias_ptr, out_ptr,
                               rows[:, None] * N + cols[None, :], cols, mask, N, HAS_BIAS)
-                tl.atomic_xchg(counter_ptr + tile, 0)
+                # Relaxed: only a later launch reads the counter again, and a launch boundary orders
+                # it. The default (acq_rel) put a memory barrier, which waits for the output
+                # stores, on the last program's path: 0.3-0.7 us a call (benchmarks/RESULTS.md).
+                tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed")
         unit += k_last - k_first
 
 
@@ -273,7 +276,9 @@ def _store_output(acc, alpha, bias_ptr, out_ptr, offsets, cols, mask, N, HAS_BIA
 @dataclass(frozen=True)
 class GemmConfig:
     """Tile shape and launch parameters of ``_fp4_gemm_kernel``; ``programs_per_sm`` is how many
-    programs K splitting aims for when the output tiles alone are fewer (decode-sized M)."""
+    programs K splitting aims for when the output tiles alone are fewer (decode-sized M);
+    ``short_run_splits``, if set, caps the K splits where that aim would leave each program short
+    runs of K tiles (see ``_programs``)."""
 
     block_m: int
     block_n: int
@@ -281,6 +286,7 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     programs_per_sm: int = 2
+    short_run_splits: int | None = None
 
 
 def choose_config(m: int, n: int, k: int) -> GemmConfig:
@@ -292,10 +298,12 @@ def choose_config(m: int, n: int, k: int) -> GemmConfig:
     the load latency, and the longer K tile halves the per-step barrier and pipeline cost. At 17-32
     rows the same programs take K tiles of 128: with 256 the MXFP4 kernel spills registers inside
     its K loop on sm_90 (``tests/sm90.py``), and the 128 tile was 1.62x of bf16 against 1.30x
-    (MXFP4; NVFP4 1.61x against 1.54x) in the 2026-11-23 H100 sweep."""
+    (MXFP4; NVFP4 1.61x against 1.54x) in the 2026-11-23 H100 sweep. Up to 16 rows, small
+    layers split K at most 4 ways (``short_run_splits``): 12-25% faster on layers of 2048-4096
+    columns with K of 2048-4096, the same elsewhere."""
     block_k = max(32, min(128, next_power_of_2(k)))  # each of the two dots takes BLOCK_K / 2 >= 16
     if m <= 16 and k % 256 == 0:
-        return GemmConfig(16, 64, 256, num_warps=2, num_stages=3, programs_per_sm=4)
+        return GemmConfig(16, 64, 256, num_warps=2, num_stages=3, programs_per_sm=4, short_run_splits=4)
     if 16 < m <= 32 and k % 128 == 0:
         return GemmConfig(32, 64, 128, num_warps=2, num_stages=3, programs_per_sm=4)
     if m <= 32:
@@ -311,14 +319,28 @@ def scale_words(k: int, block_k: int, group: int, scales: torch.Tensor) -> bool:
     return k % block_k == 0 and block_k % (4 * group) == 0 and (k // group) % 4 == 0 and scales.data_ptr() % 4 == 0
 
 
-def _programs(tiles: int, k_tiles: int, wanted: int) -> int:
+SHORT_RUN_K_TILES = 4
+"""Runs of fewer K tiles than this per program count as short for ``GemmConfig.short_run_splits``."""
+
+
+def _programs(tiles: int, k_tiles: int, wanted: int, short_run_splits: int | None = None) -> int:
     """How many programs share the (tile, K tile) units. With fewer tiles than ``wanted``, K is
     split evenly: each program then owns one run of K tiles of one tile (one pipeline fill, as in
     classic split-K). With more, ``wanted`` programs take equal shares (stream-K): every SM gets
-    the same work, where one program per tile would leave some SMs with one tile and others two."""
+    the same work, where one program per tile would leave some SMs with one tile and others two.
+
+    Where splitting for ``wanted`` programs would leave runs shorter than ``SHORT_RUN_K_TILES``
+    (small layers), K is split at most ``short_run_splits`` ways, if that still gives each program
+    2 K tiles or more: such programs are mostly pipeline fill, and every split adds a partial sum
+    to the tile's reduction (its stores, memory barrier, atomic and reads; measured at 2.5-3.9 us a
+    call at M=1). On the H100 that took 2048x2048 from 8.5 to 8.0 us, 2048x4096 from 12.3 to 9.8,
+    4096x4096 from 12.5 to 10.9 (``benchmarks/RESULTS.md``)."""
     if tiles >= wanted:
         return wanted
     splits = max(1, wanted // tiles)
+    if (short_run_splits and cdiv(k_tiles, splits) < SHORT_RUN_K_TILES
+            and k_tiles >= 2 * short_run_splits):
+        splits = min(splits, short_run_splits)
     splits = cdiv(k_tiles, cdiv(k_tiles, splits))  # runs of equal length
     return tiles * splits
 
@@ -418,7 +440,7 @@ def fp4_gemm(
     tiles = cdiv(m, cfg.block_m) * tiles_n
     k_tiles = cdiv(k, cfg.block_k)
     units = tiles * k_tiles
-    programs = _programs(tiles, k_tiles, cfg.programs_per_sm * target.multiprocessors)
+    programs = _programs(tiles, k_tiles, cfg.programs_per_sm * target.multiprocessors, cfg.short_run_splits)
     partial = torch.empty((programs * 2, cfg.block_m, cfg.block_n), dtype=torch.float32, device=a.device)
     if splits_a_tile(units, programs, k_tiles):
         counters = _split_counters(a.device, tiles, w_packed)
