@@ -299,8 +299,8 @@ def choose_config(m: int, n: int, k: int) -> GemmConfig:
     rows the same programs take K tiles of 128: with 256 the MXFP4 kernel spills registers inside
     its K loop on sm_90 (``tests/sm90.py``), and the 128 tile was 1.62x of bf16 against 1.30x
     (MXFP4; NVFP4 1.61x against 1.54x) in the 2026-11-23 H100 sweep. Up to 16 rows, small
-    layers split K at most 4 ways (``short_run_splits``): 12-25% faster on layers of 2048-4096
-    columns with K of 2048-4096, the same elsewhere."""
+    layers split K at most 4 ways (``short_run_splits``): 2-21% faster on the 10 of 14 small
+    layers it changes (NVFP4, M=1, H100), the same on the others."""
     block_k = max(32, min(128, next_power_of_2(k)))  # each of the two dots takes BLOCK_K / 2 >= 16
     if m <= 16 and k % 256 == 0:
         return GemmConfig(16, 64, 256, num_warps=2, num_stages=3, programs_per_sm=4, short_run_splits=4)
@@ -332,9 +332,9 @@ def _programs(tiles: int, k_tiles: int, wanted: int, short_run_splits: int | Non
     Where splitting for ``wanted`` programs would leave runs shorter than ``SHORT_RUN_K_TILES``
     (small layers), K is split at most ``short_run_splits`` ways, if that still gives each program
     2 K tiles or more: such programs are mostly pipeline fill, and every split adds a partial sum
-    to the tile's reduction (its stores, memory barrier, atomic and reads; measured at 2.5-3.9 us a
-    call at M=1). On the H100 that took 2048x2048 from 8.5 to 8.0 us, 2048x4096 from 12.3 to 9.8,
-    4096x4096 from 12.5 to 10.9 (``benchmarks/RESULTS.md``)."""
+    to the tile's reduction (its stores, memory barrier, atomic and reads; measured at 2.0-3.9 us a
+    call at M=1). On the H100 (NVFP4, M=1) that took 2048x2048 from 7.8 to 7.3 us, 2048x4096 from
+    11.8 to 9.3, 4096x4096 from 12.1 to 10.6 (``benchmarks/RESULTS.md``)."""
     if tiles >= wanted:
         return wanted
     splits = max(1, wanted // tiles)
