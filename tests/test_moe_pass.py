@@ -71,6 +71,22 @@ def test_default_config_keeps_routers_and_quantizes_shared_experts_as_linears():
     assert capture.count(FP4_MOE) == 2 and capture.count(torch.ops.fp4.linear.default) == 2 * (2 + 2)
 
 
+def test_routers_are_quantized_when_include_names_them():
+    model = tiny_moe("qwen3_moe", "grouped_mm")
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    capture = GraphCapture()
+    config = Fp4Config(include=("*.mlp.gate", "*.experts"), release_weights=False)
+    with torch.no_grad():
+        expected = model(ids).logits
+        logits = torch.compile(model, backend=Fp4Backend(config, capture))(ids).logits
+    records = {r.name: r for r in layer_records(model)}
+    assert records["model.layers.0.mlp.gate"].skipped is None
+    assert records["model.layers.0.self_attn.o_proj"].skipped == "not matched by any include pattern"
+    # Per layer: the router as an fp4 linear, the experts as one fp4 MoE.
+    assert capture.count(FP4_MOE) == 2 and capture.count(torch.ops.fp4.linear.default) == 2
+    assert relative(logits, expected) < 0.3
+
+
 def test_excluded_experts_stay_in_their_dtype_with_the_reason():
     model = tiny_moe("mixtral", "grouped_mm")
     capture = GraphCapture()
@@ -104,7 +120,8 @@ def test_eager_experts_are_reported_with_the_fix(caplog, monkeypatch):
     warnings = [r.getMessage() for r in caplog.records if "experts_implementation='eager'" in r.getMessage()]
     assert capture.count(FP4_MOE) == 0
     assert len(warnings) == 1  # once, though both layers run the same traced fragment
-    assert "qwen3_moe/modeling_qwen3_moe.py" in warnings[0] and "set_experts_implementation('grouped_mm')" in warnings[0]
+    assert "Qwen3MoeExperts (" in warnings[0] and "qwen3_moe/modeling_qwen3_moe.py:" in warnings[0]
+    assert "set_experts_implementation('grouped_mm')" in warnings[0]
     assert torch.allclose(logits, expected, atol=1e-5)  # kept as it was
 
 

@@ -7,9 +7,11 @@ Blocks the graph never shows (HF's ``eager`` experts, whose loop breaks the grap
 ``nonzero``) are detected and reported with the fix.
 """
 
+import inspect
 import logging
 import operator
 import re
+import sys
 
 import torch
 from torch import fx
@@ -206,8 +208,9 @@ def _warn_if_eager_experts(node: fx.Node) -> None:
     """Warn once per experts class when HF's ``eager`` experts show up: their loop over experts
     breaks the graph at ``nonzero``, so the expert matmuls never reach this backend and stay in
     their dtype. Dynamo traces that loop's prologue (``one_hot`` of the top-k indices) as a graph
-    of its own, from inside the experts' ``forward``: the module's path is unknown there, its
-    source file and line are in the node's stack trace."""
+    of its own, from inside the experts' ``forward``: the module's path in the model is unknown
+    there (no module stack, no parameters), but the node's stack trace gives the source file and
+    line, and from them the class whose ``forward`` it is."""
     if not (node.op == "call_function" and getattr(node.target, "__name__", "") == "one_hot"):
         return
     index = node.args[0] if node.args else None
@@ -215,15 +218,34 @@ def _warn_if_eager_experts(node: fx.Node) -> None:
     frames = _TRACE_FRAME.findall(node.meta.get("stack_trace") or "")
     if getattr(source, "name", None) != "L['top_k_index']" or not frames:
         return  # HF's experts take (hidden_states, top_k_index, top_k_weights)
-    where = "{}:{}".format(*frames[-1])
+    path, line = frames[-1]
+    where = f"{path}:{line}"
     if where in _WARNED_EAGER:
         return
     _WARNED_EAGER.add(where)
+    experts_class = _class_whose_forward_spans(path, int(line))
     logger.warning(
-        "fp4compile: the MoE experts at %s run with experts_implementation='eager': their loop over experts breaks "
+        "fp4compile: the MoE experts %s(%s) run with experts_implementation='eager': their loop over experts breaks "
         "the graph at nonzero, so the expert weights never reach the fp4 backend and stay in their dtype. Call "
         "model.set_experts_implementation('grouped_mm') (or load the model with experts_implementation='grouped_mm') "
-        "before torch.compile to quantize them.", where)
+        "before torch.compile to quantize them.", f"{experts_class} " if experts_class else "", where)
+
+
+def _class_whose_forward_spans(path: str, line: int) -> str | None:
+    """The name of a class defined in the loaded module at ``path`` whose own ``forward`` (through
+    decorators) contains ``line``, or None. HF defines its experts classes at module level."""
+    for module in list(sys.modules.values()):
+        if getattr(module, "__file__", None) != path:
+            continue
+        for name, value in vars(module).items():
+            forward = value.__dict__.get("forward") if isinstance(value, type) else None
+            code = getattr(inspect.unwrap(forward), "__code__", None) if callable(forward) else None
+            if code is None or code.co_filename != path:
+                continue
+            lines = [number for *_, number in code.co_lines() if number is not None]
+            if lines and min(lines) <= line <= max(lines):
+                return name
+    return None
 
 
 _TRACE_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
