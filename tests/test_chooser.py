@@ -37,6 +37,24 @@ def test_bucket_is_the_power_of_two_at_or_above():
     assert [bucket(n) for n in (0, 1, 2, 3, 4, 5, 128, 129, 4096)] == [1, 1, 2, 4, 4, 8, 128, 256, 4096]
 
 
+@pytest.mark.parametrize("qutlass", ["0.2.1", None])
+def test_cached_choices_are_keyed_by_gpu_and_library_versions(monkeypatch, qutlass):
+    import importlib.metadata
+
+    import triton
+
+    def version(distribution: str) -> str:
+        if distribution != "qutlass" or qutlass is None:
+            raise importlib.metadata.PackageNotFoundError(distribution)
+        return qutlass
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA B200")
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    key = chooser._environment_key.__wrapped__(torch.device("cuda"))
+    assert key == (f"NVIDIA B200 | torch {torch.__version__} | triton {triton.__version__} | "
+                   f"qutlass {qutlass or 'none'} | fp4compile {fp4compile.__version__}")
+
+
 def test_config_beats_environment_which_beats_auto(monkeypatch):
     monkeypatch.setenv(chooser.ENV_BACKEND, "cutlass")
     assert forced_implementation("triton") == ("triton", "implementation='triton'")

@@ -21,6 +21,7 @@ cudagraph trees run each graph eagerly before recording it, which is where the t
 """
 
 import functools
+import importlib.metadata
 import json
 import logging
 import os
@@ -80,7 +81,15 @@ def _environment_key(device: torch.device) -> str:
     from .. import __version__
 
     return (f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | triton {triton.__version__} | "
-            f"fp4compile {__version__}")
+            f"qutlass {_installed_version('qutlass')} | fp4compile {__version__}")
+
+
+def _installed_version(distribution: str) -> str:
+    """A distribution's installed version, or "none", read from its metadata (no import)."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
 
 
 def _cache_file() -> Path:
