@@ -195,14 +195,17 @@ def block_scaled_mm_stand_in(calls: list):
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 @pytest.mark.parametrize("library", ["qutlass", "torch"])
-def test_blackwell_linear_meets_the_library_contracts(monkeypatch, rng, fmt, library):
+@pytest.mark.parametrize("aligned", [True, False])
+def test_blackwell_linear_meets_the_library_contracts(monkeypatch, rng, fmt, library, aligned):
     calls = []
     if library == "qutlass":
         monkeypatch.setitem(sys.modules, "qutlass", fake_qutlass(calls))
     else:
         monkeypatch.setitem(sys.modules, "qutlass", None)
         monkeypatch.setattr(torch, "_scaled_mm", block_scaled_mm_stand_in(calls))
-    m, n, k = 130, 48, 256  # 130 rows: two 128-row scale tiles, the second padded
+    # 130 rows: two 128-row scale tiles, the second padded. Unaligned K (MXFP4 160: qutlass needs
+    # K % 128; NVFP4 80: both need K % 32) is padded with zero codes before the call.
+    m, n, k = 130, 48, 256 if aligned else {"mxfp4": 160, "nvfp4": 80}[fmt]
     w = quantize(torch.randn(n, k, generator=rng), fmt)
     x = torch.randn(m, k, generator=rng).to(torch.bfloat16)
     bias = torch.randn(n, generator=rng).to(torch.bfloat16)
@@ -216,8 +219,8 @@ def test_blackwell_linear_meets_the_library_contracts(monkeypatch, rng, fmt, lib
 def test_blackwell_checks_name_what_cannot_run(monkeypatch):
     x = torch.empty(4, 96, dtype=torch.bfloat16)
     monkeypatch.setitem(sys.modules, "qutlass", types.ModuleType("qutlass"))
-    assert blackwell.shape_unsupported(x, "mxfp4", 48, 96) == "needs K % 128 == 0 and N % 8 == 0, got K=96, N=48"
-    assert blackwell.shape_unsupported(x, "nvfp4", 48, 96) is None
+    assert blackwell.shape_unsupported(x, "mxfp4", 48, 96) is None  # K is padded
+    assert blackwell.shape_unsupported(x, "mxfp4", 44, 96) == "needs N % 8 == 0, got N=44"
     assert "(W4A4) only" in blackwell.unsupported("nvfp4", "none", "linear")
     assert "no grouped fp4 GEMM is lowered on Blackwell" in blackwell.unsupported("mxfp4", "fp4", "moe")
     monkeypatch.setitem(sys.modules, "qutlass", None)

@@ -8,10 +8,10 @@ layout, padding) and compute the product with the reference math (``tests/test_c
   as uint8 (M, K/2) and (N, K/2), both K-major, the block scales in the swizzled 128x4-tile layout
   (``float8_e8m0fnu`` / ``float8_e4m3fn``), and ``alpha`` as a float32 device tensor of one
   element, and return ``alpha * a @ w.T`` in bf16. MXFP4 needs K % 128 == 0 (its CUTLASS
-  alignment), NVFP4 K % 32; N % 8.
+  alignment), NVFP4 K % 32; N % 8. Other K are padded with zero codes (see ``_padded_codes``).
 - Else PyTorch's block-scaled ``torch._scaled_mm``: ``float4_e2m1fn_x2`` operands (the weight as a
   column-major (K/2, N) view), the same swizzled scales, bf16 output; it has no per-tensor scale
-  for a bf16 output, so ``alpha`` multiplies the result. K % 32, N % 16. PyTorch runs MXFP4 only
+  for a bf16 output, so ``alpha`` multiplies the result. K % 32 (padded), N % 16. PyTorch runs MXFP4 only
   on 10.x (B200/B300), NVFP4 on 10.x and 12.x.
 
 The activation is quantized by this project's Triton quantizer (``fp4_quantize``), not by
@@ -71,19 +71,34 @@ def unsupported(fmt: str, act_mode: str, op: str, device: torch.device | None = 
     return None
 
 
+def _k_multiple(fmt: str) -> int:
+    """The K alignment of the library that ``linear`` calls."""
+    return 128 if qutlass_module() is not None and get_format(fmt) is MXFP4 else 32
+
+
 def shape_unsupported(x: torch.Tensor, fmt: str, n: int, k: int) -> str | None:
-    """Why the library that ``linear`` would call cannot take these sizes and activations, or None."""
+    """Why the library that ``linear`` would call cannot take these sizes and activations, or None
+    (K is padded to the library's alignment; N is not, which would pad the output too)."""
     if x.numel() == 0 or n == 0:
         return "empty input or output"
     if x.dtype != torch.bfloat16:
         return f"the fp4 GEMMs write bf16, the activations are {x.dtype}"
-    if qutlass_module() is not None:
-        k_multiple, n_multiple = (128 if get_format(fmt) is MXFP4 else 32), 8
-    else:
-        k_multiple, n_multiple = 32, 16
-    if k % k_multiple or n % n_multiple:
-        return f"needs K % {k_multiple} == 0 and N % {n_multiple} == 0, got K={k}, N={n}"
+    n_multiple = 8 if qutlass_module() is not None else 16
+    if n % n_multiple:
+        return f"needs N % {n_multiple} == 0, got N={n}"
     return None
+
+
+def _padded_codes(packed: torch.Tensor, k: int, k_multiple: int) -> torch.Tensor:
+    """Codes (rows, K/2) with zero bytes appended up to K a multiple of ``k_multiple``. Zero codes
+    are +0, so the padded columns add nothing whatever their scales; ``swizzle_scales`` already
+    pads the scale columns to whole 4-group tiles (zero bytes: finite in e8m0 and e4m3), which
+    covers the padded groups for both formats (128 columns = 4 MXFP4 groups; 32 = 2 NVFP4 groups
+    within a 64-column tile)."""
+    padded_k = -(-k // k_multiple) * k_multiple
+    if padded_k == k:
+        return packed.contiguous()
+    return torch.nn.functional.pad(packed, (0, (padded_k - k) // 2)).contiguous()
 
 
 def linear(
@@ -102,7 +117,9 @@ def linear(
     scale_dtype = SCALE_DTYPES[get_format(fmt).name]
     a_sf = swizzle_scales(a_scales).view(scale_dtype)
     w_sf = swizzle_scales(w_scales.contiguous()).view(scale_dtype)
-    w_packed = w_packed.contiguous()
+    n = w_packed.shape[0]
+    # Unaligned K costs a padded copy of the weight per call (not measured: no Blackwell here).
+    a_packed, w_packed = (_padded_codes(codes, k, _k_multiple(fmt)) for codes in (a_packed, w_packed))
     qutlass = qutlass_module()
     if qutlass is not None:
         matmul = qutlass.matmul_mxf4_bf16_tn if get_format(fmt) is MXFP4 else qutlass.matmul_nvf4_bf16_tn
@@ -113,4 +130,4 @@ def linear(
         out = out.mul_(alpha)
     if bias is not None:
         out = out.add_(bias)
-    return out.reshape(*lead, w_packed.shape[0])
+    return out.reshape(*lead, n)
