@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from fp4compile.formats import MXFP4, NVFP4, dequantize, get_format, quantize
+from fp4compile.formats import dequantize, get_format, quantize
 from fp4compile.formats.blocks import dequantize_blocks
 from fp4compile.formats.linear import linear_reference
 from fp4compile.formats.moe import moe_reference
