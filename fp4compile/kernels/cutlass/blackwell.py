@@ -30,6 +30,7 @@ import torch
 
 from ...formats.spec import MXFP4, get_format
 from ...formats.swizzle import swizzle_scales
+from ..triton.launch import cdiv
 from ..triton.quantize import fp4_quantize
 
 SCALE_DTYPES = {"mxfp4": torch.float8_e8m0fnu, "nvfp4": torch.float8_e4m3fn}
@@ -91,11 +92,10 @@ def shape_unsupported(x: torch.Tensor, fmt: str, n: int, k: int) -> str | None:
 
 def _padded_codes(packed: torch.Tensor, k: int, k_multiple: int) -> torch.Tensor:
     """Codes (rows, K/2) with zero bytes appended up to K a multiple of ``k_multiple``. Zero codes
-    are +0, so the padded columns add nothing whatever their scales; ``swizzle_scales`` already
-    pads the scale columns to whole 4-group tiles (zero bytes: finite in e8m0 and e4m3), which
-    covers the padded groups for both formats (128 columns = 4 MXFP4 groups; 32 = 2 NVFP4 groups
-    within a 64-column tile)."""
-    padded_k = -(-k // k_multiple) * k_multiple
+    are +0, so the padded columns add nothing whatever their scales. No scales are added here:
+    ``swizzle_scales`` already pads the scale columns to whole tiles of 4 groups (zero bytes,
+    finite in e8m0 and e4m3), which covers every padded group of either format."""
+    padded_k = cdiv(k, k_multiple) * k_multiple
     if padded_k == k:
         return packed.contiguous()
     return torch.nn.functional.pad(packed, (0, (padded_k - k) // 2)).contiguous()
