@@ -94,8 +94,9 @@ def test_moe_kernels_with_every_tile_height_and_masked_k(block_m, tokens, rng):
 ])
 def test_moe_kernels_at_decode_sizes_with_and_without_dispatch(fmt, act_mode, hidden_dtype, direct_quantizes,
                                                                grouped_quantizes, monkeypatch, rng):
-    """Direct slots (each M tile one slot, no dispatch) give the bits of rows grouped by expert,
-    slots routed nowhere (ids -1 and E) included; a second call gives the same again."""
+    """Direct slots (each M tile one slot, no dispatch, the combine done by the down GEMM) give the
+    bits of rows grouped by expert, slots routed nowhere (ids -1 and E) included; a second call
+    gives the same again (the down GEMM's arrival counters are left zero)."""
     if DEVICE != "cpu":
         pytest.skip("interpreter test")
     gate_up, down, _ = experts(6, 64, 32, fmt, rng, bias=False)
@@ -108,8 +109,10 @@ def test_moe_kernels_at_decode_sizes_with_and_without_dispatch(fmt, act_mode, hi
     fake_quantize = moe_kernels.fp4_fake_quantize
     # Partial maxima poisoned: a program that skipped writing its own would show.
     monkeypatch.setattr(moe_kernels, "_partial_maxima", lambda n, device: torch.full((n,), 1e30, device=device))
+    combine_slots = moe_kernels.combine_slots
     for direct in (True, False, True):
-        dispatches, quantizes = [], []
+        dispatches, quantizes, combines = [], [], []
+        monkeypatch.setattr(moe_kernels, "combine_slots", lambda *args: combines.append(args) or combine_slots(*args))
         monkeypatch.setattr(moe_kernels, "use_direct_slots", lambda *shape: direct)
         monkeypatch.setattr(moe_kernels, "dispatch_tokens", lambda *args: dispatches.append(args) or
                             dispatch_tokens(*args))
@@ -118,7 +121,7 @@ def test_moe_kernels_at_decode_sizes_with_and_without_dispatch(fmt, act_mode, hi
         y = moe_kernels.fp4_moe(hidden, ids, weights, gate_up.packed, gate_up.scales, gate_up.global_scale,
                                 down.packed, down.scales, down.global_scale, None, None, fmt, act_mode, "silu", 1.0, 1.0,
                                 config=config)
-        assert len(dispatches) == (0 if direct else 1)
+        assert len(dispatches) == len(combines) == (0 if direct else 1)
         assert len(quantizes) == (direct_quantizes if direct else grouped_quantizes)
         if direct in outputs:
             assert torch.equal(y, outputs[direct])
@@ -128,6 +131,7 @@ def test_moe_kernels_at_decode_sizes_with_and_without_dispatch(fmt, act_mode, hi
     tolerance = 1e-2 if hidden_dtype == torch.bfloat16 else 1e-5 if act_mode == "none" else 1e-3  # bf16 outputs
     assert relative_error(outputs[True], ref) < tolerance
     assert torch.equal(outputs[True][4], torch.zeros(64, dtype=hidden_dtype))
+    assert not moe_kernels.arrival_counters(torch.device(DEVICE), 5 * 64, down.packed).any()
 
 
 @pytest.mark.parametrize("tokens", [1, 6])

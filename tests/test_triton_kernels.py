@@ -307,12 +307,12 @@ def test_captured_split_k_gemms_use_their_layers_counters(monkeypatch):
     call(warmed)  # 64 output tiles, K split over several programs each: counters are used
     counters = gemm._LAYER_COUNTERS[(x.device, warmed.packed.data_ptr())]
     given = []
-    split_counters = gemm._split_counters
-    monkeypatch.setattr(gemm, "_split_counters", lambda *args: given.append(split_counters(*args)) or given[-1])
+    split_counters = gemm.arrival_counters
+    monkeypatch.setattr(gemm, "arrival_counters", lambda *args: given.append(split_counters(*args)) or given[-1])
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = (call(warmed), call(fresh))
-    monkeypatch.setattr(gemm, "_split_counters", split_counters)
+    monkeypatch.setattr(gemm, "arrival_counters", split_counters)
     assert given[0] is counters and (x.device, fresh.packed.data_ptr()) not in gemm._LAYER_COUNTERS
     for _ in range(3):
         x.copy_(torch.randn_like(x))

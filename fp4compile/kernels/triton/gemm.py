@@ -358,7 +358,7 @@ _SPLIT_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 _LAYER_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def _split_counters(device: torch.device, tiles: int, layer: torch.Tensor) -> torch.Tensor:
+def arrival_counters(device: torch.device, tiles: int, layer: torch.Tensor) -> torch.Tensor:
     """Zeroed int32 arrival counters, one per output tile. Every launch leaves them zero again (the
     last program of a tile resets its counter), so they are allocated and zeroed once, not per call.
 
@@ -443,7 +443,7 @@ def fp4_gemm(
     programs = _programs(tiles, k_tiles, cfg.programs_per_sm * target.multiprocessors, cfg.short_run_splits)
     partial = torch.empty((programs * 2, cfg.block_m, cfg.block_n), dtype=torch.float32, device=a.device)
     if splits_a_tile(units, programs, k_tiles):
-        counters = _split_counters(a.device, tiles, w_packed)
+        counters = arrival_counters(a.device, tiles, w_packed)
     else:  # never read (every output tile is one program's): any int32 memory, no allocation
         counters = partial.view(torch.int32)
     bias_arg = bias if bias is not None else out  # never read without HAS_BIAS

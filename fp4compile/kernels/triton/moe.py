@@ -17,7 +17,9 @@ each M tile then one slot); then
 2. ``_down_kernel``: the same over the intermediate rows; the epilogue applies alpha, the bias
    and the slot's routing weight and writes the slot's float32 output row.
 3. ``_combine_kernel``: each token's output is the sum of its slots' rows, in choice order
-   (deterministic, unlike atomics into the output), cast to the hidden states' dtype once.
+   (deterministic, unlike atomics into the output), cast to the hidden states' dtype once. At
+   direct slots the down GEMM does this itself, without the launch: the last of a token's
+   programs to finish an N tile sums its slots' rows (``_combine_if_last``).
 
 W4A4 quantizes the hidden states first (``fp4_fake_quantize``, once per token rather than once
 per chosen expert), except at direct slots where measured faster (``quantize_in_gemms``): there
@@ -37,7 +39,7 @@ import triton.language as tl
 from ...formats.spec import MXFP4, get_format
 from .codecs import check_offsets
 from .gemm import (
-    activation_tile, dot_even_odd, given_global_scale, mx_row_exponent, scale_words, undo_decode_factor,
+    activation_tile, arrival_counters, dot_even_odd, given_global_scale, mx_row_exponent, scale_words, undo_decode_factor,
     weight_tile,
 )
 from .launch import cdiv, next_power_of_2
@@ -153,11 +155,31 @@ def _gate_up_kernel(
 
 
 @triton.jit
+def _combine_if_last(slot_out_ptr, ids_ptr, counter_ptr, out_ptr, token, cols, N, EXPERTS, TOP_K: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Direct slots: after this program's slot row (columns ``cols``) is stored, count it on the
+    token's counter; the token's last program to arrive sums its slots' rows in choice order (what
+    ``_combine_kernel`` computes, bit for bit), writes the output and resets the counter."""
+    tl.debug_barrier()  # every thread's slot-row store precedes the release
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == TOP_K - 1:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            slot = token * TOP_K + j
+            expert = tl.load(ids_ptr + slot)
+            mask = (cols < N) & (expert >= 0) & (expert < EXPERTS)
+            # .cg: from L2, never a line this SM's L1 kept from an earlier call.
+            acc += tl.load(slot_out_ptr + slot * N + cols, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + token * N + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < N)
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed")  # read again only by a later launch
+
+
+@triton.jit
 def _down_kernel(
     x_ptr, slot_of_row_ptr, counts_ptr, ids_ptr, topk_weights_ptr, w_ptr, s_ptr, w_gs_ptr, x_gs_ptr, bias_ptr,
-    out_ptr, amax_ptr, ROWS, N, K, HALF_K, K_GROUPS, EXPERTS, NUM_AMAX,
+    out_ptr, amax_ptr, combined_ptr, counters_ptr, ROWS, N, K, HALF_K, K_GROUPS, EXPERTS, NUM_AMAX,
     GROUP: tl.constexpr, IS_MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_X_SCALE: tl.constexpr,
-    QUANTIZE_X: tl.constexpr, AMAX_BLOCK: tl.constexpr,
+    QUANTIZE_X: tl.constexpr, AMAX_BLOCK: tl.constexpr, TOP_K: tl.constexpr,
     EVEN_K: tl.constexpr, SCALE_WORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, EXPERTS_POW2: tl.constexpr, DIRECT: tl.constexpr, USE_ASM: tl.constexpr,
     DOT_DTYPE: tl.constexpr, FMA_DIVISION: tl.constexpr,
@@ -165,14 +187,20 @@ def _down_kernel(
     """slot_out[slot, cols] = weight[slot] * (down(intermediate[row]) + bias) for one expert's M tile.
     ``QUANTIZE_X`` (NVFP4 W4A4, direct slots): the intermediate is float32 and each program
     quantizes its slot's row, with the global scale of the ``NUM_AMAX`` partial maxima at
-    ``amax_ptr`` (the gate/up GEMM's)."""
+    ``amax_ptr`` (the gate/up GEMM's). ``DIRECT``: the combine is done here too
+    (``_combine_if_last``, one arrival counter per (token, N tile) at ``counters_ptr``), into
+    ``combined_ptr``; slots routed nowhere arrive without a row."""
     tl.static_assert(DIRECT or not QUANTIZE_X, "a slot's own row: direct slots only")
     expert, rows, routed, slots = tile_rows(tl.program_id(1), counts_ptr, slot_of_row_ptr, ids_ptr, EXPERTS, BLOCK_M,
                                             EXPERTS_POW2, DIRECT)
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    token = tl.program_id(1) // TOP_K
+    counter_ptr = counters_ptr + token * tl.num_programs(0) + tl.program_id(0)
     if expert >= EXPERTS:
+        if DIRECT:
+            _combine_if_last(out_ptr, ids_ptr, counter_ptr, combined_ptr, token, cols, N, EXPERTS, TOP_K, BLOCK_N)
         return
     x_rows = tl.where(routed, rows, ROWS)  # ROWS: a row that reads as zeros
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     w_rows = tl.minimum(cols, N - 1)
     w_ptr += expert.to(tl.int64) * (N * HALF_K)
     s_ptr += expert.to(tl.int64) * (N * K_GROUPS)
@@ -200,6 +228,8 @@ def _down_kernel(
         y += tl.load(bias_ptr + expert * N + w_rows).to(tl.float32)[None, :]
     y *= tl.load(topk_weights_ptr + slots, mask=routed, other=0.0).to(tl.float32)[:, None]
     tl.store(out_ptr + slots[:, None] * N + cols[None, :], y, mask=routed[:, None] & (cols[None, :] < N))
+    if DIRECT:
+        _combine_if_last(out_ptr, ids_ptr, counter_ptr, combined_ptr, token, cols, N, EXPERTS, TOP_K, BLOCK_N)
 
 
 @triton.jit
@@ -435,12 +465,18 @@ def fp4_moe(
         intermediate, x_global_scale = fp4_fake_quantize(intermediate, fmt, None, dot_dtype, finite_amax=amax)
     slot_out = torch.empty((slots, size), dtype=torch.float32, device=hidden.device)
     weights = topk_weights.reshape(-1).contiguous()
-    _down_kernel[(cdiv(size, cfg.down.block_n), tiles)](
+    down_grid = (cdiv(size, cfg.down.block_n), tiles)
+    if direct:  # the down GEMM combines (``_combine_if_last``): no launch of its own
+        combined = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+        counters = arrival_counters(hidden.device, tokens * down_grid[0], down_packed)
+    else:
+        combined, counters = slot_out, counts  # not read
+    _down_kernel[down_grid](
         intermediate, slot_of_row, counts, ids, weights, down_packed, down_scales, down_global_scale,
-        x_global_scale, down_bias.contiguous() if down_bias is not None else amax, slot_out, amax,
+        x_global_scale, down_bias.contiguous() if down_bias is not None else amax, slot_out, amax, combined, counters,
         rows, size, inter, inter // 2, inter // spec.group_size, experts, amax.numel(),
         HAS_BIAS=down_bias is not None, HAS_X_SCALE=nvfp4_w4a4, QUANTIZE_X=quantize_intermediate,
-        AMAX_BLOCK=next_power_of_2(amax.numel()) if quantize_intermediate else 1,
+        AMAX_BLOCK=next_power_of_2(amax.numel()) if quantize_intermediate else 1, TOP_K=top_k,
         **_tile_args(cfg.down, inter, spec.group_size, down_scales), **kernel_args,
     )
-    return combine_slots(slot_out, topk_ids, experts, hidden.dtype)
+    return combined if direct else combine_slots(slot_out, topk_ids, experts, hidden.dtype)
