@@ -7,6 +7,8 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 from torch import nn
 
+from .ops import chooser
+
 logger = logging.getLogger("fp4compile")
 
 
@@ -24,6 +26,9 @@ class LayerRecord:
     skipped: str | None = None
     fused_with: tuple[str, ...] = ()
     """The other layers this one runs in one GEMM with (``Fp4Config.fuse_projections``)."""
+    choice_prefix: str = ""
+    """Where the chooser picks per shape: the start of the op's choice keys for this layer (its
+    GEMM's, when fused), by which the report finds what the calls so far ran."""
 
 
 _RECORDS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # by identity: tensor == compares values
@@ -63,19 +68,33 @@ def report(model: nn.Module) -> str:
     records = layer_records(model)
     if not records:
         return "fp4compile: no linear layers were found in the compiled graphs (has the model run once?)"
-    width = max([len("implementation")] + [len(r.implementation) for r in records])
+    implementations = {id(r): _implementation_cell(r) for r in records}
+    width = max([len("implementation")] + list(map(len, implementations.values())))
     lines = [f"{'layer':<44} {'shape':>12} {'format':>6} {'mode':>5} {'implementation':>{width}} {'bytes':>22}"]
     for r in records:
         shape = "x".join(map(str, r.shape))
         if r.skipped is None:
             size = f"{r.bytes_before:,} -> {r.bytes_after:,}"
             fused = f"  one GEMM with {', '.join(r.fused_with)}" if r.fused_with else ""
-            lines.append(f"{r.name:<44} {shape:>12} {r.fmt:>6} {r.act_mode:>5} {r.implementation:>{width}} {size:>22}"
-                         f"{fused}")
+            lines.append(f"{r.name:<44} {shape:>12} {r.fmt:>6} {r.act_mode:>5} {implementations[id(r)]:>{width}} "
+                         f"{size:>22}{fused}")
         else:
             lines.append(f"{r.name:<44} {shape:>12}  kept: {r.skipped}")
     lines.append(summary(records))
     return "\n".join(lines)
+
+
+def _implementation_cell(record: LayerRecord) -> str:
+    """The record's implementation; where the chooser picks per shape and calls have run, what it
+    picked for each size bucket instead (e.g. ``auto chose triton at M<=16, cutlass at M<=4096``)."""
+    if not record.choice_prefix:
+        return record.implementation
+    used = chooser.used_choices(record.choice_prefix)
+    if not used:
+        return record.implementation
+    label = record.choice_prefix.rsplit(" ", 1)[-1]  # "M<=" or "T<="
+    picks = dict.fromkeys(f"{name} at {label}{rest.split(' ', 1)[0]}" for rest, name in used.items())
+    return "auto chose " + ", ".join(picks)
 
 
 def summary(records: list[LayerRecord]) -> str:

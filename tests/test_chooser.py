@@ -178,3 +178,31 @@ def test_measuring_on_the_gpu_keeps_the_faster_and_skips_a_failing_candidate(cap
         times = chooser.measure({"slow": lambda: x @ x.T @ x, "fast": lambda: x + 1, "broken": fail})
     assert set(times) == {"slow", "fast"} and times["fast"] < times["slow"]
     assert "the broken implementation failed and is not considered: broken kernel" in caplog.text
+
+
+def test_report_shows_what_the_chooser_picked_per_size(cache, monkeypatch):
+    """Once calls have run, a layer that the chooser serves shows its picks per size bucket (by
+    the op's key prefix; other layers' keys and forced layers unaffected) instead of the candidates."""
+    from fp4compile.ops.linear import choice_prefix
+    from fp4compile.report import LayerRecord, record_layer, report
+
+    monkeypatch.setattr(chooser, "_USED", {})
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 48))
+    prefix = choice_prefix("mxfp4", "fp4", 48, 64)
+    candidates = "auto: triton (M<=128 fp4-gemm, else fp8) or cutlass, timed per shape"
+    for layer, implementation in zip(model, (candidates, "triton")):
+        record_layer(layer.weight, LayerRecord("layer", tuple(layer.weight.shape), 1, 1, "mxfp4", "fp4", implementation,
+                                               choice_prefix=prefix if implementation == candidates else ""))
+    assert candidates in report(model)  # no call yet
+    monkeypatch.setattr(chooser, "measure", lambda capable: {"triton": 1.0, "cutlass": 2.0})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "fake GPU")
+    capable = {"triton": lambda: None, "cutlass": lambda: None}
+    cuda = torch.device("cuda")
+    for rows in (16, 4096):
+        for dtype in ("torch.bfloat16", "torch.float16"):  # one pick per bucket shown
+            cache.put("fake GPU | versions", f"{prefix}{rows} {dtype}", "cutlass" if rows > 16 else "triton")
+            assert chooser.choose(f"{prefix}{rows} {dtype}", capable, cuda) == ("cutlass" if rows > 16 else "triton")
+    chooser.choose(f"{choice_prefix('mxfp4', 'fp4', 96, 64)}16 torch.bfloat16", capable, cuda)  # another layer
+    lines = report(model).splitlines()
+    assert "auto chose triton at M<=16, cutlass at M<=4096" in lines[1] and candidates not in lines[1]
+    assert " triton " in lines[2] and "chose" not in lines[2]

@@ -154,3 +154,28 @@ def test_compiled_model_runs_the_triton_moe_kernels_on_gpu(family: str, implemen
     assert capture.count(FP4_MOE) == MOE_FAMILIES[family][1]
     assert {r.implementation for r in layer_records(model) if len(r.shape) == 3} == {"triton"}
     assert relative(logits, expected) < 3e-2
+
+
+def test_every_quantized_layer_knows_the_choice_keys_its_calls_use(monkeypatch):
+    """Where the chooser picks per shape (faked here: CPU has the reference only), each layer record
+    carries the start of the choice keys its op calls build (the fused GEMM's for fused projections,
+    the block's for experts), which is how the report shows what ran."""
+    import sys
+
+    from fp4compile.passes import linear as linear_pass, moe as moe_pass
+
+    linear_op, moe_op = (sys.modules[f"fp4compile.ops.{name}"] for name in ("linear", "moe"))  # not the op objects
+
+    for module in (linear_pass, moe_pass):
+        monkeypatch.setattr(module, "implementation_for", lambda *args: "auto: candidates")
+    keys = []
+    for module in (linear_op, moe_op):
+        monkeypatch.setattr(module, "run_chosen", lambda op, impl, key, device, options: keys.append(key)
+                            or options["torch"]())
+    model = tiny_moe("qwen3_moe", "grouped_mm")
+    with torch.no_grad():
+        torch.compile(model, backend="fp4")(torch.randint(0, 256, (2, 8)))
+    records = [r for r in layer_records(model) if r.skipped is None]
+    assert {len(r.shape) for r in records} == {2, 3} and any(r.fused_with for r in records)
+    for record in records:
+        assert record.choice_prefix and any(key.startswith(record.choice_prefix) for key in keys), record

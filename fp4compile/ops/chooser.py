@@ -142,6 +142,9 @@ class ChoiceCache:
 
 CACHE = ChoiceCache()
 
+_USED: dict[str, str] = {}
+"""The choice key -> implementation of every chosen (cached or measured) call of this process."""
+
 
 def may_measure(device: torch.device) -> bool:
     """Whether timing (which synchronizes) is allowed now on ``device``."""
@@ -199,12 +202,14 @@ def choose(
     environment = _environment_key(device)
     cached = cache.get(environment, key)
     if cached in capable:
+        _USED[key] = cached
         return cached
     if not may_measure(device):
         return names[0]
     times = measure(capable)
     winner = min(times, key=times.get)
     cache.put(environment, key, winner)
+    _USED[key] = winner
     logger.info("fp4compile: %s on %s: %s -> %s", key, torch.cuda.get_device_name(device),
                 ", ".join(f"{name} {ms * 1000:.1f} us" for name, ms in times.items()), winner)
     return winner
@@ -233,3 +238,9 @@ def run_chosen(op: str, implementation: str, key: str, device: torch.device, opt
 def choices() -> dict[str, dict[str, str]]:
     """The measured choices so far (this process's and the cache file's), by GPU and versions."""
     return CACHE.choices()
+
+
+def used_choices(prefix: str) -> dict[str, str]:
+    """What this process ran for the choice keys that start with ``prefix``: {the rest of the key:
+    implementation}, for keys where the chooser picked among several candidates."""
+    return {key[len(prefix):]: name for key, name in sorted(_USED.items()) if key.startswith(prefix)}

@@ -57,9 +57,15 @@ def linear(
                                                         fmt, weight_e4m3)),
     }
     rows = x.numel() // k if k else 0
-    key = (f"fp4::linear {fmt} {mode_label(act_mode)} N={n} K={k} M<={bucket(rows)} {x.dtype}"
+    key = (f"{choice_prefix(fmt, act_mode, n, k)}{bucket(rows)} {x.dtype}"
            f"{' e4m3-weight' if weight_e4m3 else ''}{' row-scaled' if w_global_scale.numel() > 1 else ''}")
     return run_chosen("fp4::linear", implementation, key, x.device, options)
+
+
+def choice_prefix(fmt: str, act_mode: str, n: int, k: int) -> str:
+    """The start of ``fp4::linear``'s choice keys for an (N, K) weight, up to the M bucket (the
+    layer report finds a layer's measured choices by it)."""
+    return f"fp4::linear {fmt} {mode_label(act_mode)} N={n} K={k} M<="
 
 
 @linear.register_fake

@@ -75,9 +75,15 @@ def moe(
                        (down_packed, down_scales, down_global_scale), gate_up_bias, down_bias, activation, alpha,
                        limit, gate_up_fp8, down_fp8)),
     }
-    key = (f"fp4::moe {fmt} {mode_label(act_mode)} E={experts} H={size} I={two_inter // 2} "
-           f"k={topk_ids.shape[1]} T<={bucket(tokens)} {hidden.dtype}{' e4m3-weights' if gate_up_fp8 else ''}")
+    key = (f"{choice_prefix(fmt, act_mode, experts, size, two_inter // 2, topk_ids.shape[1])}{bucket(tokens)} "
+           f"{hidden.dtype}{' e4m3-weights' if gate_up_fp8 else ''}")
     return run_chosen("fp4::moe", implementation, key, hidden.device, options)
+
+
+def choice_prefix(fmt: str, act_mode: str, experts: int, hidden: int, inter: int, top_k: int) -> str:
+    """The start of ``fp4::moe``'s choice keys for one expert block, up to the token bucket (the
+    layer report finds the block's measured choices by it)."""
+    return f"fp4::moe {fmt} {mode_label(act_mode)} E={experts} H={hidden} I={inter} k={top_k} T<="
 
 
 @moe.register_fake

@@ -22,6 +22,7 @@ from torch import fx
 
 from .. import quantized_weights
 from ..config import Fp4Config
+from ..ops.linear import choice_prefix as linear_choice_prefix
 from ..report import record_layer, record_of
 from .graph import DynamoGraph
 from .linear import LAYER_META
@@ -95,7 +96,9 @@ class ProjectionFusionPass:
             record = record_of(member.weight)
             if record is not None:
                 others = tuple(m.name for m in members if m is not member)
-                record_layer(member.weight, replace(record, fused_with=others))
+                prefix = record.choice_prefix and linear_choice_prefix(record.fmt, record.act_mode,
+                                                                       sum(fused.out_features), record.shape[1])
+                record_layer(member.weight, replace(record, fused_with=others, choice_prefix=prefix))
         result.matched += len(nodes)
 
 

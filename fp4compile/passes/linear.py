@@ -3,13 +3,14 @@
 from dataclasses import dataclass
 
 import torch
-from torch import fx
 
 from .. import quantized_weights
 from ..config import Fp4Config
 from ..formats import get_format
 from ..formats.blocks import SUPPORTED_DTYPES
+from ..ops.chooser import AUTO
 from ..ops.implementations import implementation_for
+from ..ops.linear import choice_prefix as linear_choice_prefix
 from ..quantized_weights import nbytes
 from ..report import LayerRecord, record_layer
 from .graph import DynamoGraph
@@ -93,11 +94,13 @@ class LinearPass:
         if site.transpose_node is not None and not site.transpose_node.users:
             fx_graph.erase_node(site.transpose_node)
         result.matched += 1
+        implementation = implementation_for(weight.device, config.format, config.act_mode, config.implementation)
         record_layer(
             weight,
             LayerRecord(name, shape, stored.original_bytes, stored.quantized_bytes + nbytes(*e4m3), config.format,
-                        config.act_mode,
-                        implementation_for(weight.device, config.format, config.act_mode, config.implementation)),
+                        config.act_mode, implementation,
+                        choice_prefix=linear_choice_prefix(config.format, config.act_mode, *shape)
+                        if implementation.startswith(AUTO) else ""),
         )
 
 

@@ -20,7 +20,9 @@ from .. import quantized_weights
 from ..config import Fp4Config
 from ..formats import get_format
 from ..formats.blocks import SUPPORTED_DTYPES
+from ..ops.chooser import AUTO
 from ..ops.implementations import implementation_for
+from ..ops.moe import choice_prefix as moe_choice_prefix
 from ..quantized_weights import nbytes
 from ..report import LayerRecord, record_layer
 from .graph import DynamoGraph
@@ -114,11 +116,12 @@ class MoePass:
         _erase_dead(fx_graph, block)
         result.matched += 1
         implementation = implementation_for(gate_up.device, config.format, config.act_mode, config.implementation, "moe")
+        prefix = _choice_prefix(site, stored[GATE_UP].quantized.packed.shape, config) if implementation.startswith(AUTO) else ""
         for projection, weight, path in ((GATE_UP, gate_up, gate_up_path), (DOWN, down, down_path)):
             s = stored[projection]
             record_layer(weight, LayerRecord(path, tuple(weight.shape), s.original_bytes,
                                              s.quantized_bytes + nbytes(*e4m3[projection]), config.format,
-                                             config.act_mode, implementation))
+                                             config.act_mode, implementation, choice_prefix=prefix))
 
     @staticmethod
     def _bias(graph: DynamoGraph, experts: str, bias: fx.Node | None, interleaved: bool) -> fx.Node | None:
@@ -128,6 +131,16 @@ class MoePass:
         value = graph.values[bias].detach()
         reordered = torch.cat((value[..., 0::2], value[..., 1::2]), dim=-1)
         return graph.constant_node(f"fp4_{experts}_gate_up_bias", reordered)
+
+
+def _choice_prefix(site: MoeSite, gate_up_packed_shape: torch.Size, config: Fp4Config) -> str:
+    """``fp4::moe``'s choice-key prefix for the block, for the layer report ("" if top-k is not a
+    plain number in the graph)."""
+    top_k = site.topk_ids.meta["example_value"].shape[-1]
+    if not isinstance(top_k, int):
+        return ""
+    experts, two_inter, half_hidden = gate_up_packed_shape
+    return moe_choice_prefix(config.format, config.act_mode, experts, 2 * half_hidden, two_inter // 2, top_k)
 
 
 def _ineligible(site: MoeSite, block: set[fx.Node], gate_up: torch.Tensor, down: torch.Tensor, experts: str,
