@@ -9,8 +9,12 @@ the per-call CPU cost of the Python launch path, which the eager numbers include
 over enough sets to exceed the L2. Then the activation quantization's bandwidth at M=4096
 against a device copy. Prints markdown tables: time, ratio to bf16 (>1 is faster), weight GB/s.
 
+``--implementations`` (issue 7) instead times MXFP4 W4A4 ``fp4::linear`` forced to each
+implementation and left to the chooser, against cuBLAS bf16 (``implementations.py``).
+
     python benchmarks/bench_linear.py [--m 1,16,128,4096] [--models llama3-8b,...]
     python benchmarks/bench_linear.py --models ""    # only the activation quantization
+    python benchmarks/bench_linear.py --implementations [--m 16,128,4096]
 """
 
 import argparse
@@ -26,8 +30,11 @@ import fp4compile  # noqa: F401  (registers torch.ops.fp4)
 from fp4compile.formats import dequantize, quantize
 from fp4compile.kernels.triton import fp4_quantize
 from fp4compile.kernels.triton.linear import kernel_for
+from fp4compile.kernels.cutlass.hopper import weight_to_e4m3
 from fp4compile.kernels.triton.target import kernel_target
-from timing import geomean, relative_error, rotation, time_ms
+from fp4compile.ops.linear import choice_prefix
+from implementations import COLUMNS, cells, check_auto_runs, forced, picked, report, use_fresh_choice_cache
+from timing import geomean, relative_error, rotation, time_interleaved_ms, time_ms
 
 SHAPES = json.loads((Path(__file__).parent / "shapes.json").read_text())["linear"]
 VARIANTS = [("mxfp4", "none"), ("nvfp4", "none"), ("mxfp4", "fp4"), ("nvfp4", "fp4")]
@@ -120,14 +127,65 @@ def quantize_bandwidth() -> None:
             print(f"| {k} | {label} | {t * 1e3:.1f} | {gbs:.0f} | {copy_gbs:.0f} | {gbs / copy_gbs:.2f} |", flush=True)
 
 
+def implementations_table(ms: list[int], models: list[str]) -> None:
+    """``--implementations``: MXFP4 W4A4 ``fp4::linear`` per implementation and auto, each checked
+    against the fp64 reference on the first 16 rows, graph replays interleaved with cuBLAS bf16."""
+    print("\n| model | layer | N x K | M | bf16 us | " + " | ".join(f"{c} us (x bf16)" for c in COLUMNS)
+          + " | auto chose | regret | error cutlass / triton |")
+    print("|---" * (8 + len(COLUMNS)) + "|")
+    rows = []
+    for model in models:
+        for layer, (n, k) in SHAPES[model].items():
+            rows += _implementation_rows(f"{model} | {layer} | {n}x{k}", n, k, ms)
+            torch.cuda.empty_cache()
+    report("fp4::linear MXFP4 W4A4", rows, "cuBLAS bf16")
+
+
+def _implementation_rows(label: str, n: int, k: int, ms: list[int]) -> list[dict]:
+    """``implementations_table``'s rows of one (N, K), one per M (printed as they come)."""
+    sets = rotation(n * k // 2)
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(min(sets, 2))]
+    qs = [quantize(weights[i % len(weights)], "mxfp4") for i in range(sets)]
+    e4m3 = [weight_to_e4m3(q.packed, q.scales) for q in qs]
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        timed = {"base": lambda i: F.linear(x, weights[i % len(weights)])}
+        reference = dequantize(quantize(x[:16], "mxfp4"), torch.float64) @ dequantize(qs[0], torch.float64).T
+        errors = {}
+        for column in COLUMNS:
+            implementation, with_e4m3 = forced(column)
+
+            def call(i, implementation=implementation, with_e4m3=with_e4m3):
+                extra = e4m3[i] if with_e4m3 else ()
+                return torch.ops.fp4.linear(x, qs[i].packed, qs[i].scales, qs[i].global_scale, None, None,
+                                            "mxfp4", "fp4", implementation, *extra)
+
+            errors[column] = relative_error(call(0)[:16], reference)  # auto: the chooser measures here
+            assert errors[column] < 1e-2, f"{column} M={m} {n}x{k}: relative error {errors[column]:.2e}"
+            timed[column] = call
+        row = {"size": m, "pick": picked(choice_prefix("mxfp4", "fp4", n, k), m)}
+        check_auto_runs(row["pick"], timed)
+        row.update(time_interleaved_ms(timed, sets))
+        rows.append(row)
+        print(f"| {label} | {m} | {row['base'] * 1e3:.1f} | " + " | ".join(cells(row))
+              + f" | {errors['cutlass']:.1e} / {errors['triton']:.1e} |", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--m", default="1,16,128,4096")
     parser.add_argument("--models", default=",".join(SHAPES))
     parser.add_argument("--skip-quantize", action="store_true")
+    parser.add_argument("--implementations", action="store_true", help="the implementation comparison (issue 7)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.implementations:
+        use_fresh_choice_cache()
+        implementations_table(list(map(int, args.m.split(","))), list(filter(None, args.models.split(","))))
+        return
     columns = ["dot_scaled", *VARIANTS]
     titles = ["dot_scaled mxfp4 W4A16", *(NAMES[v] for v in VARIANTS)]
     print("| model | layer | N x K | M | timing | bf16 us | " + " | ".join(f"{t} us (x bf16, GB/s)" for t in titles) + " |")

@@ -18,7 +18,11 @@ replays cycling through enough routing sets that the touched experts exceed the 
 Prints a markdown table (us; fp4 columns also as a multiple of the floor) and the expert memory
 of each format against bf16.
 
+``--implementations`` (issue 7) instead times MXFP4 W4A4 ``fp4::moe`` forced to each
+implementation and left to the chooser, against the bf16 grouped GEMM (``implementations.py``).
+
     python benchmarks/bench_moe.py [--tokens 1,16,128,4096] [--models qwen3-30b-a3b,...]
+    python benchmarks/bench_moe.py --implementations [--tokens 16,128,4096]
 """
 
 import argparse
@@ -33,8 +37,11 @@ import fp4compile  # noqa: F401  (registers torch.ops.fp4)
 from fp4compile.formats import QuantizedTensor
 from fp4compile.formats.moe import moe_reference
 from fp4compile.formats.nvfp4 import nvfp4_global_scale
+from fp4compile.kernels.cutlass.hopper import weight_to_e4m3
 from fp4compile.kernels.triton import fp4_quantize
-from timing import ROTATE_BYTES, relative_error, time_ms
+from fp4compile.ops.moe import choice_prefix
+from implementations import COLUMNS, cells, check_auto_runs, forced, picked, report, use_fresh_choice_cache
+from timing import ROTATE_BYTES, relative_error, time_interleaved_ms, time_ms
 
 SHAPES = json.loads((Path(__file__).parent / "shapes.json").read_text())["moe"]
 VARIANTS = [("mxfp4", "none"), ("nvfp4", "none"), ("mxfp4", "fp4"), ("nvfp4", "fp4")]
@@ -134,13 +141,72 @@ def fp4_call(q: dict, fmt: str, act_mode: str, sets: list, hidden: torch.Tensor)
     return call
 
 
+def implementations_table(token_counts: list[int], models: list[str]) -> None:
+    """``--implementations``: MXFP4 W4A4 ``fp4::moe`` per implementation and auto, each checked on
+    the first 64 tokens against ``moe_reference`` (the op's float32 definition) and against the
+    reference that rounds the gate/up product to bf16 as the grouped fp8 GEMM does; graph replays
+    interleaved with the bf16 grouped GEMM."""
+    print("\n| model | tokens | bf16 grouped_mm us | " + " | ".join(f"{c} us (x bf16)" for c in COLUMNS)
+          + " | auto chose | regret | error cutlass vs reference (vs bf16-projection reference) | error triton |")
+    print("|---" * (7 + len(COLUMNS)) + "|")
+    rows = []
+    for model in models:
+        rows += _implementation_rows(model, token_counts)
+        torch.cuda.empty_cache()
+    report("fp4::moe MXFP4 W4A4", rows, "bf16 grouped_mm")
+
+
+def _implementation_rows(model: str, token_counts: list[int]) -> list[dict]:
+    """``implementations_table``'s rows of one model, one per token count (printed as they come)."""
+    shape = SHAPES[model]
+    experts, _ = hf_experts(shape)
+    gate_up, down = (quantize_experts(w.data, "mxfp4") for w in (experts.gate_up_proj, experts.down_proj))
+    e4m3 = (*weight_to_e4m3(gate_up.packed, gate_up.scales), *weight_to_e4m3(down.packed, down.scales))
+    rows = []
+    for tokens in token_counts:
+        hidden = torch.randn(tokens, shape["H"], device="cuda", dtype=torch.bfloat16)
+        sets = routing_sets(tokens, shape, ROTATE_BYTES)[:1]  # one routing: the experts exceed the L2 by far
+        ids, weights = sets[0]
+        timed = {"base": grouped_mm_bf16(experts, sets, hidden)}
+        checked = min(tokens, 64)
+        refs = [moe_reference(hidden[:checked], ids[:checked], weights[:checked], gate_up, down, None, None, "fp4",
+                              "silu", 1.0, 0.0, dtype).double() for dtype in (torch.float32, torch.bfloat16)]
+        errors = {}
+        for column in COLUMNS:
+            implementation, with_e4m3 = forced(column)
+
+            def call(i, implementation=implementation, with_e4m3=with_e4m3, head=slice(None)):
+                return torch.ops.fp4.moe(hidden[head], ids[head], weights[head], *gate_up[:3], *down[:3], None, None,
+                                         "mxfp4", "fp4", "silu", 1.0, 0.0, implementation,
+                                         *(e4m3 if with_e4m3 else ()))
+
+            call(0)  # auto: the chooser measures at the timed size
+            errors[column] = [relative_error(call(0, head=slice(0, checked)), ref) for ref in refs]
+            assert min(errors[column]) < 2e-2, f"{model} {column} T={tokens}: relative errors {errors[column]}"
+            timed[column] = call
+        prefix = choice_prefix("mxfp4", "fp4", shape["E"], shape["H"], shape["I"], shape["top_k"])
+        row = {"size": tokens, "pick": picked(prefix, tokens)}
+        check_auto_runs(row["pick"], timed)
+        row.update(time_interleaved_ms(timed, 1))
+        rows.append(row)
+        print(f"| {model} | {tokens} | {row['base'] * 1e3:.1f} | " + " | ".join(cells(row))
+              + f" | {errors['cutlass'][0]:.1e} ({errors['cutlass'][1]:.1e}) | {errors['triton'][0]:.1e} |",
+              flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="1,16,128,4096")
     parser.add_argument("--models", default=",".join(SHAPES))
+    parser.add_argument("--implementations", action="store_true", help="the implementation comparison (issue 7)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.implementations:
+        use_fresh_choice_cache()
+        implementations_table(list(map(int, args.tokens.split(","))), args.models.split(","))
+        return
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s\n")
     print("| model | tokens | floor us (mxfp4 / nvfp4) | " + " | ".join(f"{NAMES[v]} us (x floor)" for v in VARIANTS)
