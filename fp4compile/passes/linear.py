@@ -94,13 +94,13 @@ class LinearPass:
         if site.transpose_node is not None and not site.transpose_node.users:
             fx_graph.erase_node(site.transpose_node)
         result.matched += 1
-        implementation = implementation_for(weight.device, config.format, config.act_mode, config.implementation)
         record_layer(
             weight,
             LayerRecord(name, shape, stored.original_bytes, stored.quantized_bytes + nbytes(*e4m3), config.format,
-                        config.act_mode, implementation,
+                        config.act_mode,
+                        implementation_for(weight.device, config.format, config.act_mode, config.implementation),
                         choice_prefix=linear_choice_prefix(config.format, config.act_mode, *shape)
-                        if implementation.startswith(AUTO) else ""),
+                        if config.implementation == AUTO else ""),
         )
 
 

@@ -116,7 +116,7 @@ class MoePass:
         _erase_dead(fx_graph, block)
         result.matched += 1
         implementation = implementation_for(gate_up.device, config.format, config.act_mode, config.implementation, "moe")
-        prefix = _choice_prefix(site, stored[GATE_UP].quantized.packed.shape, config) if implementation.startswith(AUTO) else ""
+        prefix = _choice_prefix(site, stored[GATE_UP].quantized.packed.shape, config) if config.implementation == AUTO else ""
         for projection, weight, path in ((GATE_UP, gate_up, gate_up_path), (DOWN, down, down_path)):
             s = stored[projection]
             record_layer(weight, LayerRecord(path, tuple(weight.shape), s.original_bytes,
